@@ -1,0 +1,291 @@
+"""The keras-seg TFRecord format: the one contract between conversion and training.
+
+A dataset directory holds sharded TFRecord files and a `dataset_info.json`:
+
+    {split}-{i:05d}-of-{n:05d}.tfrecord     e.g. train-00000-of-00004.tfrecord
+    dataset_info.json                       label space, classes, per-split shards and statistics
+
+Each record is a `tf.train.Example` with the feature keys of TF Model Garden / DeepLab's
+`build_data.py`:
+
+    image/encoded                       bytes   the image file, JPEG or PNG, 3 channels, 8-bit
+    image/filename                      bytes   where the image came from, relative to the source root
+    image/format                        bytes   b"jpeg" or b"png"
+    image/height                        int64   image height in pixels
+    image/width                         int64   image width in pixels
+    image/channels                      int64   3
+    image/segmentation/class/encoded    bytes   the mask: a 1-channel 8-bit PNG of class indices,
+                                                0..num_classes-1, and 255 (ignore) elsewhere
+    image/segmentation/class/format     bytes   b"png"
+
+The mask always has the image's height and width. `dataset_info.json` (written by
+`write_dataset_info`) records, for the whole directory: `format_version`, `source`,
+`label_space`, `num_classes`, `class_names`, `class_colors`, `ignore_index` (255); and under
+`splits.{name}`: `num_examples`, `shards` (file names), `class_pixel_counts` (one per class),
+`ignored_pixels`, `image_sizes` ({"HxW": count}), `image_formats` ({"png": count}), `skipped`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+
+FORMAT_VERSION = 1
+DATASET_INFO_NAME = "dataset_info.json"
+DEFAULT_SHARD_BYTES = 32 * 1024 * 1024
+
+IMAGE_ENCODED = "image/encoded"
+IMAGE_FILENAME = "image/filename"
+IMAGE_FORMAT = "image/format"
+IMAGE_HEIGHT = "image/height"
+IMAGE_WIDTH = "image/width"
+IMAGE_CHANNELS = "image/channels"
+MASK_ENCODED = "image/segmentation/class/encoded"
+MASK_FORMAT = "image/segmentation/class/format"
+
+BYTES_KEYS = (IMAGE_ENCODED, IMAGE_FILENAME, IMAGE_FORMAT, MASK_ENCODED, MASK_FORMAT)
+INT_KEYS = (IMAGE_HEIGHT, IMAGE_WIDTH, IMAGE_CHANNELS)
+ALL_KEYS = BYTES_KEYS + INT_KEYS
+
+_SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
+
+
+class DatasetFormatError(ValueError):
+    """A dataset directory or record that does not follow this format."""
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def existing_shards(directory: str, split: str) -> list:
+    """Shard files of `split` present in `directory` (sorted file names)."""
+    names = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), f"{split}-*.tfrecord"))]
+    return sorted(n for n in names if (m := _SHARD_RE.match(n)) and m["split"] == split)
+
+
+def _publish(temp_path, final_path):
+    """Rename a finished temporary file to its final name, with the permissions of a normal new file
+    (mkstemp creates files readable by their owner only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_path, 0o666 & ~umask)
+    os.replace(temp_path, final_path)
+
+
+def _to_json(value) -> str:
+    """Indented JSON, with lists of numbers (colours, counts) kept on one line."""
+    text = json.dumps(value, indent=2)
+    return re.sub(r"\[\s*([-\d.,\s]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m[1]) + "]", text) + "\n"
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def encode_example(
+    image_bytes: bytes,
+    image_format: str,
+    mask_png: bytes,
+    height: int,
+    width: int,
+    filename: str = "",
+    channels: int = 3,
+) -> bytes:
+    """One serialized `tf.train.Example` in the format above."""
+    import tensorflow as tf
+
+    def _bytes(value):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def _int(value):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+    if image_format not in ("jpeg", "png"):
+        raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
+    features = {
+        IMAGE_ENCODED: _bytes(image_bytes),
+        IMAGE_FILENAME: _bytes(filename.encode("utf-8")),
+        IMAGE_FORMAT: _bytes(image_format.encode("ascii")),
+        IMAGE_HEIGHT: _int(height),
+        IMAGE_WIDTH: _int(width),
+        IMAGE_CHANNELS: _int(channels),
+        MASK_ENCODED: _bytes(mask_png),
+        MASK_FORMAT: _bytes(b"png"),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def decode_example(serialized: bytes) -> dict:
+    """A serialized example -> dict of Python values (bytes / int), checking every key is there."""
+    import tensorflow as tf
+
+    example = tf.train.Example.FromString(serialized)
+    feature = example.features.feature
+    missing = [k for k in ALL_KEYS if k not in feature]
+    if missing:
+        raise DatasetFormatError(f"record lacks the keys {missing}: not a keras-seg / DeepLab segmentation record")
+    out = {k: feature[k].bytes_list.value[0] for k in BYTES_KEYS}
+    out.update({k: int(feature[k].int64_list.value[0]) for k in INT_KEYS})
+    return out
+
+
+def decode_arrays(serialized: bytes):
+    """A serialized example -> (image uint8 [H, W, 3] RGB, mask uint8 [H, W], filename)."""
+    import cv2
+
+    record = decode_example(serialized)
+    image = cv2.imdecode(np.frombuffer(record[IMAGE_ENCODED], np.uint8), cv2.IMREAD_COLOR)
+    mask = cv2.imdecode(np.frombuffer(record[MASK_ENCODED], np.uint8), cv2.IMREAD_UNCHANGED)
+    return image[:, :, ::-1].copy(), mask, record[IMAGE_FILENAME].decode("utf-8")
+
+
+def feature_spec() -> dict:
+    """`tf.io.parse_example` spec of the format (all keys required)."""
+    import tensorflow as tf
+
+    spec = {k: tf.io.FixedLenFeature([], tf.string) for k in BYTES_KEYS}
+    spec.update({k: tf.io.FixedLenFeature([], tf.int64) for k in INT_KEYS})
+    return spec
+
+
+def read_records(path: str):
+    """Serialized records of one TFRecord file, in order (numpy side, for tools and tests)."""
+    import tensorflow as tf
+
+    return [r.numpy() for r in tf.data.TFRecordDataset(path)]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class ShardedWriter:
+    """Writes one split's records into shards under temporary names; `commit` gives them their names.
+
+    Records are written in the order given. With `num_shards`, record `position` of `num_examples`
+    goes to shard `position * num_shards // num_examples` (contiguous blocks); without, a new shard
+    starts when the current one would pass `shard_bytes`. Either way the output depends only on
+    the sequence of records, so it is the same whatever produced them.
+    """
+
+    def __init__(self, directory, split, *, num_examples, num_shards=None, shard_bytes=DEFAULT_SHARD_BYTES):
+        self.directory, self.split = directory, split
+        self.num_examples = num_examples
+        self.num_shards = None if num_shards is None else max(1, min(num_shards, num_examples))
+        self.shard_bytes = shard_bytes
+        self._temp_paths = []
+        self._writer = None
+        self._current_bytes = 0
+        self.bytes_written = 0
+
+    def _open_next(self):
+        import tensorflow as tf
+
+        if self._writer is not None:
+            self._writer.close()
+        fd, path = tempfile.mkstemp(prefix=f".{self.split}-{len(self._temp_paths):05d}.", suffix=".partial",
+                                    dir=self.directory)
+        os.close(fd)
+        self._temp_paths.append(path)
+        self._writer = tf.io.TFRecordWriter(path)
+        self._current_bytes = 0
+
+    def write(self, record: bytes, position: int):
+        if self.num_shards is not None:
+            target = position * self.num_shards // self.num_examples
+            while len(self._temp_paths) <= target:
+                self._open_next()
+        elif self._writer is None or (self._current_bytes and self._current_bytes + len(record) > self.shard_bytes):
+            self._open_next()
+        self._writer.write(record)
+        self._current_bytes += len(record)
+        self.bytes_written += len(record)
+
+    def close(self):
+        """Finish writing (empty trailing shards are created when num_shards asks for them)."""
+        if self.num_shards is not None:
+            while len(self._temp_paths) < self.num_shards:
+                self._open_next()
+        elif self._writer is None:
+            self._open_next()  # an empty split still gets one (empty) shard
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def commit(self) -> list:
+        """Rename the finished shards to their final names; returns the names."""
+        count = len(self._temp_paths)
+        names = [shard_name(self.split, i, count) for i in range(count)]
+        for path, name in zip(self._temp_paths, names):
+            _publish(path, os.path.join(self.directory, name))
+        self._temp_paths = []
+        return names
+
+    def abort(self):
+        """Remove everything written so far."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for path in self._temp_paths:
+            if os.path.exists(path):
+                os.remove(path)
+        self._temp_paths = []
+
+
+# --------------------------------------------------------------------------- dataset_info.json
+
+
+def load_dataset_info(directory: str) -> dict:
+    """Read `dataset_info.json`, with a clear error when the directory is not a converted dataset."""
+    path = os.path.join(directory, DATASET_INFO_NAME)
+    if not os.path.isdir(directory):
+        raise DatasetFormatError(f"{directory}: no such directory")
+    if not os.path.exists(path):
+        raise DatasetFormatError(
+            f"{directory}: no {DATASET_INFO_NAME}: not a dataset written by tools/make_tfrecords.py"
+        )
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetFormatError(f"{path}: unreadable ({err})") from err
+    for key in ("num_classes", "ignore_index", "splits"):
+        if key not in info:
+            raise DatasetFormatError(f"{path}: lacks '{key}'")
+    return info
+
+
+def write_dataset_info(directory: str, info: dict):
+    """Write `dataset_info.json` atomically (temporary file, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=".dataset_info.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(_to_json(info))
+        _publish(tmp, os.path.join(directory, DATASET_INFO_NAME))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+_COMMON_KEYS = ("label_space", "num_classes", "class_names", "ignore_index")
+
+
+def merged_dataset_info(existing: dict | None, common: dict, splits: dict) -> dict:
+    """`existing` info updated with new `splits`; refuses to mix label spaces in one directory."""
+    if existing is None:
+        info = {"format_version": FORMAT_VERSION, **common, "splits": {}}
+    else:
+        for key in _COMMON_KEYS:
+            if existing.get(key) != common.get(key):
+                raise DatasetFormatError(
+                    f"the output directory holds a dataset with {key}={existing.get(key)!r}, "
+                    f"this conversion has {key}={common.get(key)!r}: use another --output"
+                )
+        info = dict(existing)
+    info["splits"] = {**info.get("splits", {}), **splits}
+    return info
