@@ -117,7 +117,9 @@ def encode_example(
         MASK_ENCODED: _bytes(mask_png),
         MASK_FORMAT: _bytes(b"png"),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic=True: map entries in a fixed order, so the same example gives the same bytes in
+    # every process (the default order may differ between processes).
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def decode_example(serialized: bytes) -> dict:

@@ -119,7 +119,7 @@ def make_source(args):
     from pipelines.tfds_source import TfdsSource
 
     return TfdsSource(args.tfds_name, args.label_space, args.image_key, args.mask_key, args.data_dir,
-                      args.manual_dir, args.classes, args.num_classes)
+                      args.manual_dir, args.classes, args.num_classes, args.split)
 
 
 class _UsageError(Exception):

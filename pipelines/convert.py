@@ -202,13 +202,14 @@ def convert(
 
     workers = max(1, workers or os.cpu_count() or 1)
     writers, split_infos = {}, {}
+    pool = _start_pool(workers, source, options) if workers > 1 else None
     try:
         for split, samples in plan.items():
             writer = tfrecord.ShardedWriter(
                 output_dir, split, num_examples=len(samples), num_shards=num_shards, shard_bytes=shard_bytes
             )
             writers[split] = writer
-            split_infos[split] = _convert_split(source, split, samples, writer, options, workers, skip_bad, progress)
+            split_infos[split] = _convert_split(source, split, samples, writer, options, pool, skip_bad, progress)
             if skip_bad and split_infos[split]["num_examples"] == 0:
                 raise ConversionError(source.root, f"every example of split '{split}' was bad; nothing to write")
         for writer in writers.values():
@@ -217,6 +218,10 @@ def convert(
         for writer in writers.values():
             writer.abort()
         raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
     # Everything succeeded: give the shards their names, drop what they replace, then the info.
     for split, writer in writers.items():
@@ -232,20 +237,33 @@ def convert(
     return info
 
 
-def _convert_split(source, split, samples, writer, options, workers, skip_bad, progress):
+def _start_pool(workers, source, options):
+    """Worker processes, started before this process has imported TensorFlow where possible.
+
+    Forking is the cheapest start (no re-imports), and safe while TensorFlow's threads do not
+    exist yet; once they do (TFDS sources, or a caller that imported it), workers come from a
+    fork server, a clean process that imports only the readers.
+    """
+    if "tensorflow" in sys.modules:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["pipelines.convert", type(source).__module__])
+    else:
+        context = multiprocessing.get_context("fork")
+    return context.Pool(workers, _init_worker, (source, options))
+
+
+def _convert_split(source, split, samples, writer, options, pool, skip_bad, progress):
     from tqdm import tqdm
 
     counts = np.zeros(256, np.int64)
     sizes, formats, stats, skipped = {}, {}, {}, []
     written = 0
     bar = tqdm(total=len(samples), desc=f"{split}", unit="img", disable=not progress, file=sys.stderr)
-    pool = None
     try:
-        if workers == 1:
+        if pool is None:
             _init_worker(source, options)
             results = map(_process, samples)
         else:
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (source, options))
             results = _windowed_imap(pool, samples)
         for position, result in enumerate(results):
             bar.update(1)
@@ -267,9 +285,6 @@ def _convert_split(source, split, samples, writer, options, workers, skip_bad, p
                 stats[k] = stats.get(k, 0) + v
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     num_classes = source.label_space.num_classes
     total_pixels = int(counts.sum())
     info = {

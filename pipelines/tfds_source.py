@@ -17,7 +17,7 @@ class TfdsSource:
     name = "tfds"
 
     def __init__(self, tfds_name, label_space=None, image_key=None, mask_key=None, data_dir=None, manual_dir=None,
-                 classes=None, num_classes=None):
+                 classes=None, num_classes=None, splits=None):
         if not tfds_name:
             raise ConversionError("tfds", "--tfds-name is required (e.g. cityscapes/semantic_segmentation)")
         self.tfds_name = tfds_name
@@ -31,6 +31,7 @@ class TfdsSource:
             self.label_space, _ = build_folder_label_space(classes, None, num_classes)
         self.image_key = image_key or ("image_left" if self.is_cityscapes else "image")
         self.mask_key = mask_key or ("segmentation_label" if self.is_cityscapes else "segmentation_mask")
+        self.requested_splits = list(splits or [])
         self._builder = self._prepare(data_dir, manual_dir)
 
     def _prepare(self, data_dir, manual_dir):
@@ -53,7 +54,8 @@ class TfdsSource:
         return {k: v for k, v in self.__dict__.items() if k != "_builder"}
 
     def list_splits(self):
-        return sorted(self._builder.info.splits.keys())
+        # A builder without recorded splits (no metadata, e.g. mocked) takes the names asked for.
+        return sorted(self._builder.info.splits.keys()) or self.requested_splits
 
     def list_samples(self, split):
         return TfdsSplit(self, split)
