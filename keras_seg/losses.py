@@ -1,0 +1,340 @@
+"""Segmentation losses: weighted cross-entropy, soft Dice, focal, and weighted sums of them.
+
+Every loss takes masks `y_true` [B, H, W] or [B, H, W, 1] (class indices; Keras may hand them over
+as floats) and logits `y_pred` [B, H, W, C]; pixels labelled `ignore_index` (255) take no part.
+They compute in float32 whatever the logits' dtype, so `mixed_float16` logits give finite values
+and gradients. A batch whose pixels are all ignored has loss 0.
+
+Class weights are given explicitly or computed from the training split's pixel counts in
+`dataset_info.json` with `compute_class_weights`.
+
+    model.compile(optimizer="adam", loss=build_loss("ce+dice", class_weights=weights))
+"""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_seg.labels import IGNORE_INDEX
+
+CLASS_WEIGHTING = ("inverse_frequency", "median_frequency", "enet")
+
+
+def compute_class_weights(counts_or_info, method: str = "median_frequency", split: str = "train", enet_c: float = 1.02):
+    """Per-class loss weights from pixel counts.
+
+    With `n_c` the pixels of class c, `N` their sum, `f_c = n_c / N` and `C` the number of classes:
+    - `inverse_frequency`: `N / (C n_c)`, so that the average weight over pixels is 1
+      (scikit-learn's "balanced");
+    - `median_frequency`: `median(f) / f_c`, median-frequency balancing (Eigen & Fergus 2015,
+      SegNet), with f over the whole split rather than over the images that hold the class;
+    - `enet`: `1 / ln(enet_c + f_c)` with `enet_c = 1.02` (ENet, Paszke et al. 2016): weights in [1, 50].
+    A class with no pixels gets weight 0 (it is never a target), and is left out of the median.
+
+    Args:
+        counts_or_info: per-class pixel counts (a sequence or array), or a `dataset_info.json`
+            dict (as `keras_seg.tfrecord.load_dataset_info` returns), read at
+            `splits[split].class_pixel_counts`.
+        method: str. One of `inverse_frequency`, `median_frequency`, `enet`.
+        split: str. The split whose counts are used when given an info dict.
+        enet_c: float. ENet's constant c (> 1).
+
+    Returns:
+        float32 numpy array of shape [num_classes].
+    """
+    if isinstance(counts_or_info, dict):
+        info = counts_or_info
+        try:
+            counts = info["splits"][split]["class_pixel_counts"]
+        except KeyError as err:
+            raise ValueError(f"dataset info lacks splits.{split}.class_pixel_counts") from err
+        if "num_classes" in info and len(counts) != info["num_classes"]:
+            raise ValueError(f"{len(counts)} class pixel counts for num_classes={info['num_classes']}")
+    else:
+        counts = counts_or_info
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 1 or counts.size == 0 or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"class pixel counts must be a non-empty list of counts >= 0, not all 0; got {counts}")
+    if method not in CLASS_WEIGHTING:
+        raise ValueError(f"unknown class weighting {method!r}; choose one of {', '.join(CLASS_WEIGHTING)}")
+    if enet_c <= 1:
+        raise ValueError(f"enet_c must be > 1, got {enet_c}")
+
+    present = counts > 0
+    frequency = counts / counts.sum()
+    weights = np.zeros_like(frequency)
+    if method == "inverse_frequency":
+        weights[present] = counts.sum() / (counts.size * counts[present])
+    elif method == "median_frequency":
+        weights[present] = np.median(frequency[present]) / frequency[present]
+    else:
+        weights[present] = 1.0 / np.log(enet_c + frequency[present])
+    return weights.astype(np.float32)
+
+
+def _labels_and_logits(y_true, y_pred, ignore_index):
+    """int32 labels [B, H, W] (ignored pixels set to 0), the float32 valid-pixel mask, float32 logits."""
+    logits = ops.cast(y_pred, "float32")
+    labels = ops.cast(y_true, "int32")
+    if len(labels.shape) == len(logits.shape):
+        labels = ops.squeeze(labels, axis=-1)
+    valid = ops.not_equal(labels, ignore_index)
+    labels = ops.where(valid, labels, 0)
+    return labels, ops.cast(valid, "float32"), logits
+
+
+def _per_valid_pixel(pixel_losses, valid):
+    """Per-pixel losses scaled so that their mean over all pixels is the mean over the valid ones.
+
+    Keras averages what `call` returns over all its elements (and divides by the replica count
+    under tf.distribute); scaling by total/valid pixels makes that the mean over valid pixels, and
+    0, not NaN, when none is valid.
+    """
+    return ops.divide_no_nan(pixel_losses * valid, ops.mean(valid))
+
+
+def _check_class_weights(class_weights):
+    if class_weights is None:
+        return None
+    weights = np.asarray(class_weights, np.float32)
+    if weights.ndim != 1 or (weights < 0).any() or not np.isfinite(weights).all():
+        raise ValueError(f"class_weights must be a list of finite values >= 0, got {class_weights}")
+    return weights
+
+
+class _SegmentationLoss(keras.losses.Loss):
+    """Shared arguments: class weights and the ignore index; float32 computation."""
+
+    def __init__(
+        self, class_weights=None, ignore_index: int = IGNORE_INDEX, name=None, reduction="sum_over_batch_size"
+    ):
+        super().__init__(name=name, reduction=reduction, dtype="float32")
+        self.class_weights = _check_class_weights(class_weights)
+        self.ignore_index = int(ignore_index)
+
+    def _pixel_weights(self, labels):
+        return 1.0 if self.class_weights is None else ops.take(ops.convert_to_tensor(self.class_weights), labels)
+
+    def get_config(self):
+        weights = None if self.class_weights is None else self.class_weights.tolist()
+        return {**super().get_config(), "class_weights": weights, "ignore_index": self.ignore_index}
+
+
+@keras.saving.register_keras_serializable(package="keras_seg")
+class CrossEntropyLoss(_SegmentationLoss):
+    """Cross-entropy from logits, optionally class-weighted, averaged over the valid pixels.
+
+    The weighted sum is divided by the number of valid pixels (not by the sum of their weights,
+    as PyTorch's weighted `CrossEntropyLoss` does), so weights scale the loss; with weights from
+    `compute_class_weights("inverse_frequency")` the average pixel weight is 1.
+
+    Args:
+        class_weights: per-class weights [C], or None.
+        ignore_index: int. Label of ignored pixels.
+    """
+
+    def __init__(self, class_weights=None, ignore_index: int = IGNORE_INDEX, name="cross_entropy", **kwargs):
+        super().__init__(class_weights, ignore_index, name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
+        log_probs = ops.log_softmax(logits, axis=-1)
+        nll = -ops.squeeze(ops.take_along_axis(log_probs, labels[..., None], axis=-1), axis=-1)
+        return _per_valid_pixel(nll * self._pixel_weights(labels), valid)
+
+
+@keras.saving.register_keras_serializable(package="keras_seg")
+class FocalLoss(_SegmentationLoss):
+    """Focal loss `-w_c (1 - p_t)^gamma log p_t` (Lin et al. 2017), averaged over the valid pixels.
+
+    Args:
+        gamma: float >= 0. Focusing parameter; 0 gives the cross-entropy.
+        class_weights: per-class weights [C] (the paper's alpha), or None.
+        ignore_index: int. Label of ignored pixels.
+    """
+
+    def __init__(
+        self, gamma: float = 2.0, class_weights=None, ignore_index: int = IGNORE_INDEX, name="focal", **kwargs
+    ):
+        super().__init__(class_weights, ignore_index, name=name, **kwargs)
+        if gamma < 0:
+            raise ValueError(f"focal loss gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+
+    def call(self, y_true, y_pred):
+        labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
+        log_pt = ops.squeeze(ops.take_along_axis(ops.log_softmax(logits, axis=-1), labels[..., None], axis=-1), axis=-1)
+        # The floor keeps the gradient of (1 - p_t)^gamma finite at p_t = 1 when gamma < 1.
+        modulation = ops.power(ops.maximum(1.0 - ops.exp(log_pt), 1e-12), self.gamma)
+        return _per_valid_pixel(-modulation * log_pt * self._pixel_weights(labels), valid)
+
+    def get_config(self):
+        return {**super().get_config(), "gamma": self.gamma}
+
+
+@keras.saving.register_keras_serializable(package="keras_seg")
+class DiceLoss(_SegmentationLoss):
+    """Soft multi-class Dice loss from logits: `1 - weighted mean over classes of the soft Dice`.
+
+    Per class c, over the valid pixels of the whole batch, with softmax probabilities p and one-hot
+    targets t: `dice_c = (2 sum(p_c t_c) + smooth) / (sum(p_c) + sum(t_c) + smooth)`. A class
+    absent from the batch scores about 0 while the model gives it probability, so the loss also
+    pushes probabilities of absent classes down; with no valid pixel every dice_c is 1 and the loss 0.
+    The loss is a batch-level value: it is returned once per image for Keras to average.
+
+    Args:
+        smooth: float > 0. Added to numerator and denominator.
+        class_weights: per-class weights [C] of the mean, or None (equal weights).
+        ignore_index: int. Label of ignored pixels.
+    """
+
+    def __init__(
+        self, smooth: float = 1.0, class_weights=None, ignore_index: int = IGNORE_INDEX, name="dice", **kwargs
+    ):
+        super().__init__(class_weights, ignore_index, name=name, **kwargs)
+        if smooth <= 0:
+            raise ValueError(f"dice smooth must be > 0, got {smooth}")
+        self.smooth = float(smooth)
+
+    def call(self, y_true, y_pred):
+        labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
+        num_classes = logits.shape[-1]
+        probs = ops.softmax(logits, axis=-1) * valid[..., None]
+        targets = ops.one_hot(labels, num_classes, dtype="float32") * valid[..., None]
+        pixel_axes = tuple(range(len(logits.shape) - 1))
+        intersection = ops.sum(probs * targets, axis=pixel_axes)
+        cardinality = ops.sum(probs, axis=pixel_axes) + ops.sum(targets, axis=pixel_axes)
+        dice = (2.0 * intersection + self.smooth) / (cardinality + self.smooth)
+        if self.class_weights is None:
+            loss = 1.0 - ops.mean(dice)
+        else:
+            weights = ops.convert_to_tensor(self.class_weights)
+            loss = 1.0 - ops.sum(weights * dice) / ops.maximum(ops.sum(weights), 1e-12)
+        # One value per image (Keras scales non-scalar losses for tf.distribute, not scalars).
+        return ops.zeros_like(logits[:, 0, 0, 0]) + loss
+
+    def get_config(self):
+        return {**super().get_config(), "smooth": self.smooth}
+
+
+@keras.saving.register_keras_serializable(package="keras_seg")
+class CombinedLoss(keras.losses.Loss):
+    """A weighted sum of losses, e.g. `1.0 * CrossEntropyLoss() + 0.5 * DiceLoss()`.
+
+    Each term reduces itself (over valid pixels, across replicas) before the weighted sum.
+
+    Args:
+        losses: list of `(weight, loss)` pairs.
+    """
+
+    def __init__(self, losses, name=None, reduction="sum_over_batch_size"):
+        if not losses:
+            raise ValueError("CombinedLoss needs at least one (weight, loss) pair")
+        super().__init__(name=name or "combined_loss", reduction=reduction, dtype="float32")
+        self.losses = [(float(weight), loss) for weight, loss in losses]
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        return sum(weight * loss(y_true, y_pred, sample_weight=sample_weight) for weight, loss in self.losses)
+
+    def call(self, y_true, y_pred):
+        raise NotImplementedError("CombinedLoss sums its terms' reduced values: call the loss object itself")
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "losses": [(w, keras.saving.serialize_keras_object(loss)) for w, loss in self.losses],
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        losses = [(w, keras.saving.deserialize_keras_object(loss)) for w, loss in config["losses"]]
+        return cls(losses, name=config.get("name"))
+
+
+LOSSES = {"ce": CrossEntropyLoss, "dice": DiceLoss, "focal": FocalLoss}
+_TERM = re.compile(r"^\s*(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
+# Short forms accepted for the weighting methods, as on a command line.
+_WEIGHTING_ALIASES = {"inverse": "inverse_frequency", "median": "median_frequency"}
+
+
+def parse_loss_spec(spec: str) -> list:
+    """`"ce+0.5*dice"` -> `[(1.0, "ce"), (0.5, "dice")]`; a ValueError names a bad term.
+
+    Terms are joined by `+`, each `name` or `weight*name`, names among `ce`, `dice`, `focal`.
+    """
+    terms = []
+    for term in str(spec).split("+"):
+        match = _TERM.match(term.lower())
+        if not match or match["name"] not in LOSSES:
+            raise ValueError(f"bad loss term {term!r} in {spec!r}: use name or weight*name, names {', '.join(LOSSES)}")
+        terms.append((float(match["weight"] or 1.0), match["name"]))
+    return terms
+
+
+def resolve_class_weights(class_weights, class_pixel_counts=None, num_classes: int | None = None):
+    """Class weights as a float32 array, or None.
+
+    Args:
+        class_weights: None or `"none"`; a sequence of weights; or a `compute_class_weights`
+            method (`inverse_frequency`, `median_frequency`, `enet`; `inverse` and `median` for
+            short), computed from `class_pixel_counts`.
+        class_pixel_counts: per-class pixel counts or a `dataset_info.json` dict, for a method.
+        num_classes: int or None. When given, the number of weights must match it.
+    """
+    if class_weights is None or (isinstance(class_weights, str) and class_weights == "none"):
+        return None
+    if isinstance(class_weights, str):
+        method = _WEIGHTING_ALIASES.get(class_weights, class_weights)
+        if method not in CLASS_WEIGHTING:
+            raise ValueError(
+                f"unknown class weighting {class_weights!r}; choose none, {', '.join(CLASS_WEIGHTING)} or give weights"
+            )
+        if class_pixel_counts is None:
+            raise ValueError(f"class_weights={class_weights!r} needs the training split's class pixel counts")
+        weights = compute_class_weights(class_pixel_counts, method)
+    else:
+        weights = _check_class_weights(class_weights)
+    if num_classes is not None and len(weights) != num_classes:
+        raise ValueError(f"{len(weights)} class weights for {num_classes} classes")
+    return weights
+
+
+def build_loss(
+    spec: str,
+    class_weights=None,
+    ignore_index: int = IGNORE_INDEX,
+    num_classes: int | None = None,
+    class_pixel_counts=None,
+    **loss_args,
+):
+    """A loss from a short spec: `"ce"`, `"dice"`, `"focal"`, or a weighted sum such as `"ce+dice"`, `"ce+0.5*dice"`.
+
+    Args:
+        spec: str. Terms joined by `+`, each `name` or `weight*name` (see `parse_loss_spec`).
+        class_weights: per-class weights given to every term: None, a sequence, or a weighting
+            method computed from `class_pixel_counts` (see `resolve_class_weights`).
+        ignore_index: int. Label of ignored pixels.
+        num_classes: int or None. Checks the number of class weights.
+        class_pixel_counts: per-class pixel counts or a `dataset_info.json` dict, for a weighting method.
+        **loss_args: per-term keyword arguments, by name, e.g. `focal={"gamma": 1.0}`, `dice={"smooth": 0.1}`.
+
+    Returns:
+        The loss; a `CombinedLoss` when `spec` has several terms or a weight other than 1.
+    """
+    terms = parse_loss_spec(spec)
+    unknown = set(loss_args) - set(LOSSES)
+    if unknown:
+        raise ValueError(f"unknown loss options {sorted(unknown)}; options are given per term: {', '.join(LOSSES)}")
+    weights = resolve_class_weights(class_weights, class_pixel_counts, num_classes)
+    losses = [
+        (weight, LOSSES[name](class_weights=weights, ignore_index=ignore_index, **loss_args.get(name, {})))
+        for weight, name in terms
+    ]
+    if len(losses) == 1 and losses[0][0] == 1.0:
+        return losses[0][1]
+    # A name fit for TensorFlow name scopes: "ce+0.5*dice" -> "ce_0.5_dice".
+    return CombinedLoss(losses, name=re.sub(r"[^0-9a-z_.]+", "_", spec.lower()).strip("_"))

@@ -1,0 +1,136 @@
+"""Presets: named model configurations as plain data, and `build_model`, which builds one.
+
+A preset entry is a dict:
+
+    "description": str   what it is, in a line
+    "model": dict        "architecture" ("unet" or "fcn") and that builder's keyword arguments
+    "input_size": tuple  (height, width) of the training images
+
+    "train": dict        training defaults (`keras_seg.train`): epochs, batch size, loss, ...; keys
+                         left out take `keras_seg.train.TRAINING_DEFAULTS`
+    "demo": dict         overrides of "train" (and of "model" / "input_size" under "model" /
+                         "image_size") when training on the built-in demo dataset (no --data)
+
+`build_model` reads only "model" and "input_size". Parameter counts (19 classes,
+3-channel input) are in the README.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from keras_seg.models.fcn import build_fcn
+from keras_seg.models.unet import build_unet
+
+ARCHITECTURES = {"unet": build_unet, "fcn": build_fcn}
+
+# The built-in demo (no --data) must train in minutes on a 2-core CPU: the UNet presets keep their
+# architecture (levels, activation, norm, up-sampling) at a quarter of the width, on 64x128 inputs.
+UNET_DEMO = {"model": {"base_filters": 16}, "image_size": (64, 128), "epochs": 12, "batch_size": 16,
+             "learning_rate": 2e-3, "warmup_epochs": 0.5, "patience": 0, "cache": "memory"}
+
+PRESETS = {
+    "unet_silu": {
+        "description": "UNet, 4 levels, 64 -> 1024 filters, batch norm, SiLU, transposed-conv up-sampling (best seed)",
+        "model": {
+            "architecture": "unet",
+            "depth": 4,
+            "base_filters": 64,
+            "activation": "silu",
+            "batch_norm": True,
+            "upsampling": "transpose",
+        },
+        "input_size": (256, 512),
+        "train": {"epochs": 100, "batch_size": 8, "learning_rate": 1e-3, "loss": "ce"},
+        "demo": UNET_DEMO,
+    },
+    "unet_relu": {
+        "description": "the classic UNet: as unet_silu with ReLU",
+        "model": {
+            "architecture": "unet",
+            "depth": 4,
+            "base_filters": 64,
+            "activation": "relu",
+            "batch_norm": True,
+            "upsampling": "transpose",
+        },
+        "input_size": (256, 512),
+        "train": {"epochs": 100, "batch_size": 8, "learning_rate": 1e-3, "loss": "ce"},
+        "demo": UNET_DEMO,
+    },
+    "unet_small": {
+        # Chosen with tools/bench_models.py on 2 CPU cores: as fast as a 1.9M-parameter UNet at
+        # 128x128 with the same parameter count, on twice the pixels and with a 32x receptive stride.
+        "description": "UNet for CPU training: 5 levels, 8 -> 256 filters, batch norm, SiLU, 128x256 input",
+        "model": {
+            "architecture": "unet",
+            "depth": 5,
+            "base_filters": 8,
+            "activation": "silu",
+            "batch_norm": True,
+            "upsampling": "transpose",
+        },
+        "input_size": (128, 256),
+        "train": {"epochs": 12, "batch_size": 8, "learning_rate": 2e-3, "loss": "ce", "cache": "memory"},
+        "demo": {"image_size": (64, 128), "epochs": 12, "batch_size": 16, "patience": 0},
+    },
+    "fcn8s": {
+        "description": "FCN-8s over VGG16 with the paper's 4096-filter fc6 (7x7) and fc7",
+        "model": {"architecture": "fcn", "backbone": "vgg16", "head": "8s", "fc_filters": 4096, "fc_kernel": 7},
+        "input_size": (256, 512),
+        "train": {"epochs": 100, "batch_size": 8, "learning_rate": 1e-4, "loss": "ce"},
+        "demo": {"model": {"fc_filters": 256, "fc_kernel": 1}, "image_size": (64, 128), "epochs": 12,
+                 "batch_size": 16, "patience": 0, "cache": "memory"},
+    },
+    "fcn_resnet50": {
+        "description": "FCN-8s over ResNet-50 with a 512-filter 3x3 fc6 and 1x1 fc7",
+        "model": {"architecture": "fcn", "backbone": "resnet50", "head": "8s", "fc_filters": 512, "fc_kernel": 3},
+        "input_size": (256, 512),
+        "train": {"epochs": 100, "batch_size": 8, "learning_rate": 1e-4, "loss": "ce"},
+        "demo": {"image_size": (64, 128), "epochs": 12, "batch_size": 16, "patience": 0, "cache": "memory"},
+    },
+}
+
+
+def list_presets() -> list:
+    """The preset names, in definition order."""
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> dict:
+    """A copy of preset `name`'s entry, safe to modify."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def build_model(preset, num_classes: int, input_size=None, channels: int = 3, weights: str | None = None):
+    """Build the model of a preset.
+
+    Args:
+        preset: str or dict. A preset name, or a preset entry (a dict with "model" and
+            "input_size", as `get_preset` returns, possibly modified).
+        num_classes: int. Number of output classes (the dataset's `num_classes`).
+        input_size: `(height, width)` or None. Overrides the preset's input size; `(None, None)`
+            builds a model that accepts any size its architecture allows.
+        channels: int. Input channels.
+        weights: str or None. Local encoder weights file, for FCN presets only.
+
+    Returns:
+        A `keras.Model` mapping images [B, H, W, channels] to float32 logits [B, H, W, num_classes].
+    """
+    entry = get_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
+    if "model" not in entry:
+        raise ValueError(f"a preset entry needs a 'model' dict; got keys {sorted(entry)}")
+    model_args = dict(entry["model"])
+    architecture = model_args.pop("architecture", None)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    height, width = input_size if input_size is not None else entry.get("input_size", (None, None))
+    if weights is not None:
+        if architecture != "fcn":
+            raise ValueError(f"weights={weights!r}: only the fcn architecture loads encoder weights")
+        model_args["weights"] = weights
+    if isinstance(preset, str):
+        model_args.setdefault("name", preset)
+    return ARCHITECTURES[architecture](num_classes=num_classes, input_shape=(height, width, channels), **model_args)

@@ -1,0 +1,121 @@
+"""UNet: a convolutional encoder-decoder with skip connections.
+
+Ronneberger et al., "U-Net: Convolutional Networks for Biomedical Image Segmentation", 2015,
+https://arxiv.org/abs/1505.04597. Unlike the paper, every convolution uses `same` padding, so the
+logits have the input's height and width and no cropping of the skip connections is needed.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+ACTIVATIONS = ("relu", "silu")
+UPSAMPLING = ("transpose", "bilinear")
+
+
+def check_input_size(input_shape, stride: int, architecture: str):
+    """Raise a ValueError when a known height or width is not a multiple of the model's total stride."""
+    for axis, size in zip(("height", "width"), input_shape[:2]):
+        if size is not None and (size <= 0 or size % stride):
+            raise ValueError(
+                f"{architecture}: input {axis} {size} is not a positive multiple of {stride} "
+                f"(input_shape={tuple(input_shape)}); resize or crop the images to a multiple of {stride}"
+            )
+
+
+def conv_block(x, filters: int, activation: str, batch_norm: bool, name: str):
+    """Two 3x3 convolutions, each followed by batch norm (optional) and the activation."""
+    for i in (1, 2):
+        # The batch norm's offset makes the convolution's bias redundant.
+        x = layers.Conv2D(
+            filters, 3, padding="same", use_bias=not batch_norm, kernel_initializer="he_normal", name=f"{name}_conv{i}"
+        )(x)
+        if batch_norm:
+            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.Activation(activation, name=f"{name}_{activation}{i}")(x)
+    return x
+
+
+def build_unet(
+    num_classes: int,
+    input_shape=(None, None, 3),
+    depth: int = 4,
+    base_filters: int = 64,
+    activation: str = "relu",
+    batch_norm: bool = True,
+    dropout: float = 0.0,
+    upsampling: str = "transpose",
+    name: str = "unet",
+) -> keras.Model:
+    """Build a UNet that maps images [B, H, W, C] to float32 logits [B, H, W, num_classes].
+
+    Args:
+        num_classes: int. Number of output classes.
+        input_shape: tuple `(height, width, channels)`. Height and width may be `None` (any size
+            at call time), otherwise they must be multiples of `2**depth`.
+        depth: int. Number of down-sampling (2x2 max-pool) levels; the paper uses 4.
+        base_filters: int. Filters of the first level; each level below doubles them, so the
+            bottleneck has `base_filters * 2**depth` (64 -> 1024 in the paper).
+        activation: str. `"relu"` (the paper) or `"silu"`.
+        batch_norm: bool. Batch normalization after every convolution (not in the paper).
+        dropout: float. Dropout rate at the bottleneck, the end of the contracting path, where the
+            paper puts it; 0 disables it.
+        upsampling: str. `"transpose"`: a learned 2x2 transposed convolution (the paper's
+            "up-convolution"); `"bilinear"`: bilinear 2x up-sampling followed by a 1x1 convolution.
+        name: str. The model's name.
+
+    Returns:
+        A functional `keras.Model`. Its last layer, `logits`, computes in float32 whatever the
+        dtype policy, so mixed-precision training and exported outputs get float32 logits.
+
+    Example:
+
+    ```python
+    model = build_unet(num_classes=19, input_shape=(128, 256, 3), depth=4, base_filters=16)
+    logits = model(images)  # [B, 128, 256, 19], float32
+    ```
+    """
+    if num_classes < 1:
+        raise ValueError(f"unet: num_classes must be >= 1, got {num_classes}")
+    if depth < 1:
+        raise ValueError(f"unet: depth must be >= 1, got {depth}")
+    if base_filters < 1:
+        raise ValueError(f"unet: base_filters must be >= 1, got {base_filters}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unet: unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if upsampling not in UPSAMPLING:
+        raise ValueError(f"unet: unknown upsampling {upsampling!r}; choose one of {', '.join(UPSAMPLING)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"unet: dropout must be in [0, 1), got {dropout}")
+    check_input_size(input_shape, 2**depth, "unet")
+
+    inputs = keras.Input(shape=tuple(input_shape), name="images")
+
+    # Contracting path: keep each level's features for the skip connection, then halve the size.
+    x = inputs
+    skips = []
+    for level in range(depth):
+        x = conv_block(x, base_filters * 2**level, activation, batch_norm, name=f"down{level + 1}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"down{level + 1}_pool")(x)
+
+    x = conv_block(x, base_filters * 2**depth, activation, batch_norm, name="bottleneck")
+    if dropout:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+
+    # Expanding path: double the size, halve the filters, concatenate the matching skip.
+    for level in reversed(range(depth)):
+        filters = base_filters * 2**level
+        prefix = f"up{level + 1}"
+        if upsampling == "transpose":
+            x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"{prefix}_transpose")(x)
+        else:
+            x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{prefix}_bilinear")(x)
+            x = layers.Conv2D(filters, 1, name=f"{prefix}_project")(x)
+        x = layers.Concatenate(name=f"{prefix}_concat")([skips[level], x])
+        x = conv_block(x, filters, activation, batch_norm, name=prefix)
+
+    # float32 whatever the policy: keeps softmax/loss stable under mixed_float16, and exports float32.
+    logits = layers.Conv2D(num_classes, 1, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name=name)

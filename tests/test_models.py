@@ -1,0 +1,168 @@
+"""Model builders and presets: shapes, float32 logits under both policies, clear errors, parameter counts."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_seg.models import PRESETS, build_fcn, build_model, build_unet, get_preset, list_presets
+
+# 19 classes, 3-channel input; the README's table.
+PRESET_PARAMS = {
+    "unet_silu": 31_050_579,
+    "unet_relu": 31_050_579,
+    "unet_small": 1_949_563,
+    "fcn8s": 134_353_017,
+    "fcn_resnet50": 33_327_033,
+}
+
+
+@pytest.fixture(params=["float32", "mixed_float16"])
+def policy(request):
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_dtype_policy(previous)
+
+
+def compute_dtypes(model):
+    return {layer.compute_dtype for layer in model.layers if layer.weights}
+
+
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
+def test_unet_shapes_and_float32_logits(policy, upsampling):
+    model = build_unet(5, (32, 64, 3), depth=3, base_filters=4, activation="silu", dropout=0.1, upsampling=upsampling)
+    logits = model(np.zeros((2, 32, 64, 3), np.float32), training=False)
+    assert tuple(logits.shape) == (2, 32, 64, 5)
+    assert logits.dtype == "float32" and model.outputs[0].dtype == "float32"
+    assert model.get_layer("logits").compute_dtype == "float32"
+    body = "float16" if policy == "mixed_float16" else "float32"
+    assert model.get_layer("down1_conv1").compute_dtype == body
+
+
+def test_unet_levels_and_filters():
+    model = build_unet(3, (64, 64, 3), depth=4, base_filters=8, batch_norm=False)
+    assert model.get_layer("bottleneck_conv2").output.shape == (None, 4, 4, 128)
+    assert model.get_layer("up1_conv2").output.shape == (None, 64, 64, 8)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert model.get_layer("down1_relu1") is not None
+
+
+def test_unet_dynamic_size_and_mixed_precision_training_step(policy):
+    model = build_unet(3, (None, None, 3), depth=2, base_filters=4)
+    assert tuple(model(np.zeros((1, 24, 40, 3), np.float32)).shape) == (1, 24, 40, 3)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    logs = model.train_on_batch(np.ones((2, 16, 16, 3)), np.ones((2, 16, 16)), return_dict=True)
+    assert np.isfinite(logs["loss"])
+
+
+@pytest.mark.parametrize("height,width", [(100, 128), (128, 120), (0, 64)])
+def test_unet_rejects_sizes_not_divisible_by_its_stride(height, width):
+    with pytest.raises(ValueError, match=r"unet: input (height|width) \d+ is not a positive multiple of 16"):
+        build_unet(3, (height, width, 3), depth=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"activation": "gelu"}, "unknown activation 'gelu'"),
+        ({"upsampling": "nearest"}, "unknown upsampling 'nearest'"),
+        ({"depth": 0}, "depth must be >= 1"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_unet_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_unet(3, (32, 32, 3), **kwargs)
+
+
+@pytest.mark.parametrize("head", ["32s", "16s", "8s"])
+def test_fcn_vgg16_heads(policy, head):
+    model = build_fcn(4, (64, 96, 3), backbone="vgg16", head=head, fc_filters=8, fc_kernel=3)
+    logits = model(np.zeros((1, 64, 96, 3), np.float32))
+    assert tuple(logits.shape) == (1, 64, 96, 4) and logits.dtype == "float32"
+    assert model.name == f"fcn{head}_vgg16"
+    assert ("score_pool4" in {layer.name for layer in model.layers}) == (head != "32s")
+    assert ("score_pool3" in {layer.name for layer in model.layers}) == (head == "8s")
+    if policy == "mixed_float16":
+        assert compute_dtypes(model) == {"float16", "float32"}
+
+
+def test_fcn_resnet50(policy):
+    model = build_fcn(3, (64, 64, 3), backbone="resnet50", head="8s", fc_filters=8, fc_kernel=3, dropout=0.0)
+    logits = model(np.zeros((1, 64, 64, 3), np.float32))
+    assert tuple(logits.shape) == (1, 64, 64, 3) and logits.dtype == "float32"
+
+
+def test_fcn_loads_local_encoder_weights(tmp_path):
+    encoder = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = str(tmp_path / "vgg16_notop.weights.h5")
+    encoder.save_weights(path)
+    model = build_fcn(2, (32, 32, 3), fc_filters=4, fc_kernel=1, weights=path)
+    np.testing.assert_array_equal(
+        model.get_layer("block5_conv3").get_weights()[0], encoder.get_layer("block5_conv3").get_weights()[0]
+    )
+
+
+def test_fcn_rejects_bad_arguments(tmp_path):
+    missing = str(tmp_path / "missing.h5")
+    with pytest.raises(ValueError, match="missing.h5' not found"):
+        build_fcn(3, (64, 64, 3), weights=missing)
+    with pytest.raises(ValueError, match="not found"):
+        build_fcn(3, (64, 64, 3), weights="imagenet")  # never downloaded
+    with pytest.raises(ValueError, match="unknown backbone 'resnet18'"):
+        build_fcn(3, (64, 64, 3), backbone="resnet18")
+    with pytest.raises(ValueError, match="unknown head '4s'"):
+        build_fcn(3, (64, 64, 3), head="4s")
+    with pytest.raises(ValueError, match="fcn: input width 48 is not a positive multiple of 32"):
+        build_fcn(3, (64, 48, 3))
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_list_and_get_presets():
+    assert set(PRESET_PARAMS) <= set(list_presets())
+    entry = get_preset("unet_small")
+    assert set(entry) >= {"description", "model", "input_size"}
+    entry["model"]["depth"] = 1
+    assert PRESETS["unet_small"]["model"]["depth"] == 5  # a copy
+    with pytest.raises(ValueError, match="unknown preset 'unet_big'; known presets: unet_silu, unet_relu"):
+        get_preset("unet_big")
+
+
+def test_required_preset_contents():
+    silu = get_preset("unet_silu")
+    assert silu["input_size"] == (256, 512)
+    assert {k: silu["model"][k] for k in ("depth", "base_filters", "activation", "batch_norm", "upsampling")} == {
+        "depth": 4,
+        "base_filters": 64,
+        "activation": "silu",
+        "batch_norm": True,
+        "upsampling": "transpose",
+    }
+    relu = get_preset("unet_relu")
+    assert {**silu["model"], "activation": "relu"} == relu["model"]
+
+
+def test_preset_parameter_counts_and_input_sizes():
+    for name, expected in PRESET_PARAMS.items():
+        model = build_model(name, num_classes=19)
+        height, width = get_preset(name)["input_size"]
+        assert model.name == name
+        assert tuple(model.input_shape) == (None, height, width, 3), name
+        assert tuple(model.output_shape) == (None, height, width, 19), name
+        assert model.count_params() == expected, name
+        keras.backend.clear_session()
+
+
+def test_build_model_overrides_and_errors():
+    entry = get_preset("unet_small")
+    entry["model"]["base_filters"] = 2
+    model = build_model(entry, num_classes=4, input_size=(None, None))
+    assert tuple(model(np.zeros((1, 64, 32, 3), np.float32)).shape) == (1, 64, 32, 4)
+    with pytest.raises(ValueError, match="unknown architecture 'segformer'"):
+        build_model({"model": {"architecture": "segformer"}, "input_size": (64, 64)}, num_classes=3)
+    with pytest.raises(ValueError, match="only the fcn architecture"):
+        build_model("unet_small", num_classes=3, weights="x.h5")
+    with pytest.raises(ValueError, match="unet: input height 100"):
+        build_model("unet_small", num_classes=3, input_size=(100, 256))
