@@ -35,6 +35,8 @@ import tempfile
 
 import numpy as np
 
+from keras_seg.files import publish, write_json_atomically
+
 FORMAT_VERSION = 1
 DATASET_INFO_NAME = "dataset_info.json"
 DEFAULT_SHARD_BYTES = 32 * 1024 * 1024
@@ -67,21 +69,6 @@ def existing_shards(directory: str, split: str) -> list:
     """Shard files of `split` present in `directory` (sorted file names)."""
     names = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), f"{split}-*.tfrecord"))]
     return sorted(n for n in names if (m := _SHARD_RE.match(n)) and m["split"] == split)
-
-
-def _publish(temp_path, final_path):
-    """Rename a finished temporary file to its final name, with the permissions of a normal new file
-    (mkstemp creates files readable by their owner only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp_path, 0o666 & ~umask)
-    os.replace(temp_path, final_path)
-
-
-def _to_json(value) -> str:
-    """Indented JSON, with lists of numbers (colours, counts) kept on one line."""
-    text = json.dumps(value, indent=2)
-    return re.sub(r"\[\s*([-\d.,\s]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m[1]) + "]", text) + "\n"
 
 
 # --------------------------------------------------------------------------- examples
@@ -223,7 +210,7 @@ class ShardedWriter:
         count = len(self._temp_paths)
         names = [shard_name(self.split, i, count) for i in range(count)]
         for path, name in zip(self._temp_paths, names):
-            _publish(path, os.path.join(self.directory, name))
+            publish(path, os.path.join(self.directory, name))
         self._temp_paths = []
         return names
 
@@ -263,15 +250,7 @@ def load_dataset_info(directory: str) -> dict:
 
 def write_dataset_info(directory: str, info: dict):
     """Write `dataset_info.json` atomically (temporary file, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".dataset_info.", suffix=".partial", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(_to_json(info))
-        _publish(tmp, os.path.join(directory, DATASET_INFO_NAME))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json_atomically(os.path.join(directory, DATASET_INFO_NAME), info)
 
 
 _COMMON_KEYS = ("label_space", "num_classes", "class_names", "ignore_index")

@@ -1,0 +1,46 @@
+"""Writing files so that a reader never sees half of one: temporary name, then rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+
+def publish(temp_path: str, final_path: str):
+    """Rename a finished temporary file to its final name, with the permissions of a normal new
+    file (mkstemp creates files readable by their owner only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_path, 0o666 & ~umask)
+    os.replace(temp_path, final_path)
+
+
+def temp_path_beside(path: str, suffix: str = ".partial") -> str:
+    """A new, empty temporary file in `path`'s directory (same file system: rename is atomic)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def to_json(value) -> str:
+    """Indented JSON, with lists of numbers (colours, counts) kept on one line."""
+    text = json.dumps(value, indent=2)
+    return re.sub(r"\[\s*([-\d.,\s]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m[1]) + "]", text) + "\n"
+
+
+def write_text_atomically(path: str, text: str):
+    tmp = temp_path_beside(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomically(path: str, value):
+    write_text_atomically(path, to_json(value))
