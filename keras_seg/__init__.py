@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    # labels and the data format
     "IGNORE_INDEX": "keras_seg.labels",
     "LabelSpace": "keras_seg.labels",
     "cityscapes_label_space": "keras_seg.labels",
@@ -20,6 +21,30 @@ _EXPORTS = {
     "load_dataset_info": "keras_seg.tfrecord",
     "encode_example": "keras_seg.tfrecord",
     "decode_example": "keras_seg.tfrecord",
+    # input pipeline and augmentation
+    "build_dataset": "keras_seg.data",
+    "distribute_dataset": "keras_seg.data",
+    "AugmentConfig": "keras_seg.augment",
+    "SegmentationAugment": "keras_seg.augment",
+    "augment_segmentation": "keras_seg.augment",
+    # models
+    "list_presets": "keras_seg.models.presets",
+    "get_preset": "keras_seg.models.presets",
+    "build_model": "keras_seg.models.presets",
+    "build_unet": "keras_seg.models.unet",
+    "build_fcn": "keras_seg.models.fcn",
+    # losses and metrics
+    "CrossEntropyLoss": "keras_seg.losses",
+    "DiceLoss": "keras_seg.losses",
+    "FocalLoss": "keras_seg.losses",
+    "CombinedLoss": "keras_seg.losses",
+    "build_loss": "keras_seg.losses",
+    "compute_class_weights": "keras_seg.losses",
+    "MeanIoU": "keras_seg.metrics",
+    "PixelAccuracy": "keras_seg.metrics",
+    "MeanDice": "keras_seg.metrics",
+    "summarize_confusion": "keras_seg.metrics",
+    "PerClassMetricsLogger": "keras_seg.callbacks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,225 @@
+"""Training end to end on CPU: overfitting, the run directory, resume, tf.distribute, precision."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_seg import demo, tfrecord
+from keras_seg import train as train_cli
+from keras_seg.trainer import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _restore_policy():
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """8 demo scenes at 64x128, stored as train and (the same shards) as val: a set to overfit."""
+    directory = str(tmp_path_factory.mktemp("tiny") / "data")
+    demo.write_demo_dataset(directory, splits={"train": 8}, size=(64, 128), log=lambda _: None)
+    info = tfrecord.load_dataset_info(directory)
+    val = dict(info["splits"]["train"], shards=[])
+    for name in info["splits"]["train"]["shards"]:
+        val["shards"].append(name.replace("train-", "val-"))
+        shutil.copy(os.path.join(directory, name), os.path.join(directory, val["shards"][-1]))
+    info["splits"]["val"] = val
+    tfrecord.write_dataset_info(directory, info)
+    return directory
+
+
+def make_config(data, output, *extra):
+    args = train_cli.build_parser().parse_args(
+        ["--preset", "unet_small", "--data", data, "--output", str(output), "--no-progress",
+         "--image-size", "64x128", "--model-arg", "depth=3", "--model-arg", "base_filters=8",
+         "--batch-size", "4", "--val-batch-size", "4", "--precision", "float32", "--strategy", "one",
+         "--cache", "memory", "--seed", "1", *extra]
+    )
+    config = train_cli.resolve_config(args)
+    config["output"] = str(output)
+    config["provenance"] = {"command": "test"}
+    return config
+
+
+def read_history(run):
+    with open(os.path.join(run, "history.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_model_overfits_a_handful_of_images(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    config = make_config(tiny_data, run, "--epochs", "6", "--steps-per-epoch", "25", "--no-augment",
+                         "--model-arg", "base_filters=16", "--learning-rate", "0.003", "--warmup-epochs", "0",
+                         "--patience", "0")
+    summary = Trainer(config, log=lambda _: None).run()
+    history = read_history(run)
+    losses = [float(r["loss"]) for r in history]
+    assert losses[-1] < 0.3 * losses[0]
+    assert float(history[-1]["train_miou"]) > 0.55, history[-1]
+    # val holds the same images, seen through the batch-norm moving statistics, which lag behind
+    # after 150 steps; still far above the ~0.05 of an untrained model
+    assert summary["miou"] > 0.25, summary["miou"]
+    # the run directory a person reads
+    for name in ("config.json", "dataset_info.json", "history.csv", "best.keras", "last.keras",
+                 "best_per_class_iou.txt", "best_metrics.json", "samples.png"):
+        assert (run / name).is_file(), name
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "logs"))
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-6")
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["seed"] == 1 and recorded["model"]["depth"] == 3
+    table = (run / "best_per_class_iou.txt").read_text()
+    assert "road" in table and "IoU" in table
+    best = json.loads((run / "best_metrics.json").read_text())
+    assert best["miou"] == max(float(r["val_miou"]) for r in history)
+    # the best checkpoint is the best epoch's model: re-evaluating it gives the recorded mIoU
+    model = keras.saving.load_model(run / "best.keras", compile=False)
+    images, masks = [], []
+    for record in tfrecord.read_records(os.path.join(tiny_data, "train-00000-of-00002.tfrecord")) + \
+            tfrecord.read_records(os.path.join(tiny_data, "train-00001-of-00002.tfrecord")):
+        image, mask, _ = tfrecord.decode_arrays(record)
+        images.append(image / 255.0)
+        masks.append(mask)
+    predictions = np.argmax(model.predict(np.stack(images), verbose=0), -1)
+    truth = np.stack(masks)
+    valid = truth != 255
+    ious = []
+    for c in range(19):
+        inter = np.sum((predictions == c) & (truth == c) & valid)
+        union = np.sum(((predictions == c) | (truth == c)) & valid)
+        if union:
+            ious.append(inter / union)
+    assert abs(np.mean(ious) - best["miou"]) < 1e-3
+
+
+def test_resume_continues_from_the_interrupted_epoch(tiny_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    config = make_config(tiny_data, run, "--epochs", "3", "--patience", "0")
+    original = Trainer._train_epoch
+
+    def interrupt_third_epoch(self, train_steps, iterator, steps, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, train_steps, iterator, steps, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupt_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, log=lambda _: None).run()
+    assert [r["epoch"] for r in read_history(run)] == ["1", "2"]
+    best_before = json.loads((run / "best_metrics.json").read_text())["miou"]
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+
+    lines = []
+    resumed = Trainer({**config, "resume": True}, log=lines.append)
+    resumed.run()
+    assert any("resuming" in line and "after epoch 2" in line for line in lines)
+    assert [r["epoch"] for r in read_history(run)] == ["1", "2", "3"]
+    # two epochs of 2 steps before the interruption, one after
+    assert int(resumed.optimizer.iterations.numpy()) == 3 * 2
+    assert json.loads((run / "best_metrics.json").read_text())["miou"] >= best_before
+
+
+def test_mirrored_over_two_devices_matches_one_device(tiny_data, tmp_path):
+    """Global batch 4 = 2 replicas x 2: the same update as one device with batch 4 (batch norm included:
+    its statistics are taken over the global batch)."""
+    weights = {}
+    for strategy, batch in (("one", "4"), ("mirrored", "2")):
+        config = make_config(tiny_data, tmp_path / strategy, "--epochs", "1", "--no-augment", "--strategy", strategy,
+                             "--batch-size", batch, "--max-steps", "2",
+                             "--clipnorm", "0")
+        trainer = Trainer(config, log=lambda _: None)
+        trainer.run()
+        assert trainer.global_batch == 4
+        weights[strategy] = [w.copy() for w in trainer.model.get_weights()]
+    assert trainer.replicas == 2
+    for a, b in zip(weights["one"], weights["mirrored"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multiworker_two_local_processes_agree(tiny_data, tmp_path):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                   PYTHONPATH=REPO)
+        command = [sys.executable, "-m", "keras_seg.train", "--preset", "unet_small", "--data", tiny_data,
+                   "--output", str(tmp_path / "run"), "--no-progress", "--image-size", "64x128",
+                   "--model-arg", "depth=3", "--model-arg", "base_filters=8", "--batch-size", "2",
+                   "--precision", "float32", "--strategy", "multiworker", "--epochs", "1", "--max-steps", "2"]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+    outputs = []
+    for process in processes:
+        try:
+            out, _ = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        outputs.append(out)
+        assert process.returncode == 0, out[-3000:]
+    assert "strategy multiworker x2 replicas" in outputs[0], outputs[0][-3000:]
+    fingerprints = [re.search(r"weights fingerprint ([0-9a-f]{16})", out) for out in outputs]
+    assert all(fingerprints), outputs[0][-2000:]
+    assert fingerprints[0][1] == fingerprints[1][1]
+    # only the chief wrote the run directory
+    assert (tmp_path / "run" / "best.keras").is_file()
+
+
+def test_bfloat16_reaches_float32_miou_on_the_demo(tmp_path):
+    """The check behind --precision auto choosing mixed_bfloat16 on CPUs with bfloat16 instructions."""
+    directory = str(tmp_path / "demo")
+    demo.write_demo_dataset(directory, splits={"train": 96, "val": 24}, size=(64, 128), log=lambda _: None)
+    scores = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        config = make_config(directory, tmp_path / precision, "--epochs", "5", "--steps-per-epoch", "24",
+                             "--precision", precision, "--model-arg", "base_filters=16", "--batch-size", "8",
+                             "--learning-rate", "0.005", "--patience", "0")
+        scores[precision] = Trainer(config, log=lambda _: None).run()["miou"]
+    assert scores["float32"] > 0.25, scores  # trained far enough to compare (untrained: ~0.03)
+    assert abs(scores["mixed_bfloat16"] - scores["float32"]) < 0.05, scores
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--data", "/nonexistent/dir"], "--data: /nonexistent/dir: no such directory"),
+    (["--image-size", "100x200"], "multiples of 16"),
+    (["--loss", "ce+bogus"], "--loss:"),
+    (["--augment", "flip_prob=2"], "--augment: flip_prob must be in [0, 1]"),
+])
+def test_bad_values_are_one_line_errors(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--output", str(tmp_path / "r"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_command_line_error_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "keras_seg.train", "--data", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: --data: {tmp_path}: no dataset_info.json: not a " \
+                                                     "dataset written by tools/make_tfrecords.py"
+    assert "Traceback" not in result.stderr
