@@ -81,9 +81,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m keras_seg.train",
         description="Train a segmentation model. Without --data: the built-in demo dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", default="unet_silu", choices=list_presets(), help="model and training defaults")
+    parser.add_argument("--preset", default="unet_silu", choices=list_presets(),
+                        help="model and training defaults (default: unet_silu)")
     parser.add_argument("--data", help="TFRecord directory from tools/make_tfrecords.py (needs train and val)")
     parser.add_argument("--output", help="run directory (default: runs/PRESET, or runs/PRESET-2, ... if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
@@ -105,7 +105,7 @@ def build_parser():
                                                          "cuts the learning rate")
     o.add_argument("--plateau-factor", type=float)
     o.add_argument("--clipnorm", type=float, help="global gradient-norm clipping (0: off)")
-    o.add_argument("--loss", help="ce, dice, focal, or a weighted sum such as ce+dice or ce:1+dice:0.5")
+    o.add_argument("--loss", help="ce, dice, focal, or a weighted sum such as ce+dice or ce+0.5*dice")
     o.add_argument("--class-weights", help="none, inverse, median, enet (from the training pixel counts), "
                                            "or a comma-separated list of per-class weights")
     o.add_argument("--augment", type=_key_value, action="append", metavar="KEY=VALUE",
@@ -179,9 +179,10 @@ def validate_config(config):
     if not config["learning_rate"] > 0:
         raise ConfigError(f"--learning-rate must be > 0, got {config['learning_rate']}")
     try:
-        AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()})
+        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--augment: {err}") from err
+    config["augment"] = augment.to_dict()  # every setting spelled out in the recorded config
     from keras_seg import losses
 
     try:
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
             shutil.rmtree(output)
         config["output"] = output
         if args.resume:
-            config = _resumed_config(config, output)
+            config = _resumed_config(output, args.epochs, config["progress"])
         if config["data"] is None:
             from keras_seg.demo import default_cache_dir, write_demo_dataset
 
@@ -293,12 +294,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _resumed_config(config, output):
-    """A resumed run keeps its recorded configuration; only the epoch budget may be raised."""
+def _resumed_config(output, epochs, progress):
+    """A resumed run keeps its recorded configuration; only the epoch budget (--epochs) may change."""
     with open(os.path.join(output, "config.json")) as f:
         recorded = json.load(f)
-    recorded.update(resume=True, epochs=max(recorded["epochs"], config["epochs"]), progress=config["progress"],
-                    output=output)
+    recorded.pop("resolved", None)
+    recorded.update(resume=True, progress=progress, output=output)
+    if epochs is not None:
+        recorded["epochs"] = epochs
     return recorded
 
 

@@ -230,6 +230,9 @@ class Trainer:
         elif config["init_from"]:
             self._init_from(config["init_from"])
         if self.chief:
+            config["resolved"] = {"precision": self.precision, "strategy": distribute.strategy_name(self.strategy),
+                                  "replicas": self.replicas, "global_batch_size": self.global_batch,
+                                  "steps_per_epoch": self.steps_per_epoch}
             write_json_atomically(paths.config, config)
             shutil.copyfile(os.path.join(config["data"], tfrecord.DATASET_INFO_NAME), paths.dataset_info)
         self._datasets()
