@@ -1,0 +1,366 @@
+"""Reading keras-seg TFRecord directories into `tf.data` pipelines of (image, mask) batches.
+
+Two layers, after TF Model Garden's decoder / parser split:
+
+* decoding: `decode_record` turns one serialized record into (image uint8 [H, W, 3],
+  mask uint8 [H, W]); it knows the record format (`keras_seg.tfrecord`) and nothing else.
+* sizing: `resize_example`, `crop_or_pad_example`, `fit_example` bring a decoded example to a
+  fixed size. Masks are only ever resampled with nearest neighbour, and padding in a mask is the
+  ignore index, never a class.
+
+`build_dataset` assembles them: shards -> parallel interleave -> (shuffle) -> parallel decode and
+sizing -> (cache) -> (repeat) -> batch -> prefetch. Batches are `(images, masks)`: images float32
+in [0, 1], [B, H, W, 3]; masks uint8 [B, H, W] with class indices and the ignore index (255).
+Random scaling and the other augmentations are not done here: they run on the accelerator, on
+whole batches, in `keras_seg.augment`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import tensorflow as tf
+
+from keras_seg import tfrecord
+from keras_seg.labels import IGNORE_INDEX
+
+RESIZE_MODES = ("resize", "crop", "fit")
+
+_READ_BUFFER_BYTES = 8 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_record(serialized):
+    """One serialized record -> (image uint8 [H, W, 3], mask uint8 [H, W]).
+
+    Raises (at run time) `InvalidArgumentError` naming the missing feature for a record that is
+    not in the keras-seg format, and when the mask's size differs from the image's.
+    """
+    features = tf.io.parse_single_example(serialized, tfrecord.feature_spec())
+    encoded = features[tfrecord.IMAGE_ENCODED]
+    # TF's JPEG default is libjpeg's fast integer DCT; the accurate one gives the pixels that
+    # PIL, OpenCV and tfrecord.decode_arrays give, i.e. what the model sees at inference.
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_png(encoded, channels=3),
+    )
+    image = tf.ensure_shape(image, [None, None, 3])
+    mask = tf.io.decode_png(features[tfrecord.MASK_ENCODED], channels=1, dtype=tf.uint8)[..., 0]
+    with tf.control_dependencies([
+        tf.debugging.assert_equal(tf.shape(image)[:2], tf.shape(mask),
+                                  message="mask and image sizes differ in a record")
+    ]):
+        mask = tf.identity(mask)
+    return image, mask
+
+
+# --------------------------------------------------------------------------- sizing
+
+
+def _size_differs(image, size):
+    shape = tf.shape(image)
+    return tf.logical_or(shape[0] != size[0], shape[1] != size[1])
+
+
+def _resize(image, mask, size):
+    def resize():
+        resized = tf.image.resize(image, size, method="bilinear", antialias=True)
+        resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+        resized_mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
+        return resized, resized_mask
+
+    # Same size (e.g. 256x256 pairs at image_size 256x256): no resampling at all.
+    return tf.cond(_size_differs(image, size), resize, lambda: (image, mask))
+
+
+def resize_example(image, mask, size):
+    """Resize to `size` (aspect not kept): image bilinear (antialiased), mask nearest neighbour.
+
+    Args:
+        image: uint8 [H, W, 3].
+        mask: uint8 [H, W].
+        size: (height, width), Python ints.
+    """
+    image, mask = _resize(image, mask, size)
+    return tf.ensure_shape(image, [*size, 3]), tf.ensure_shape(mask, list(size))
+
+
+def _pad_to_at_least(image, mask, size, ignore_index):
+    """Pad (centred) to at least `size`: image with 0, mask with `ignore_index`."""
+    shape = tf.shape(image)
+    pad_h = tf.maximum(size[0] - shape[0], 0)
+    pad_w = tf.maximum(size[1] - shape[1], 0)
+    paddings = [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2]]
+    image = tf.pad(image, paddings + [[0, 0]])
+    mask = tf.pad(mask, paddings, constant_values=tf.cast(ignore_index, mask.dtype))
+    return image, mask
+
+
+def crop_or_pad_example(image, mask, size, ignore_index=IGNORE_INDEX, seed=None):
+    """Pad to at least `size` (mask: ignore), then crop `size`: at random with `seed`, else centred.
+
+    Args:
+        image: uint8 [H, W, 3].
+        mask: uint8 [H, W].
+        size: (height, width).
+        ignore_index: mask value of the padding.
+        seed: None for a centre crop, or an int [2] tensor for a stateless random crop.
+    """
+    image, mask = _pad_to_at_least(image, mask, size, ignore_index)
+    shape = tf.shape(image)
+    room = tf.stack([shape[0] - size[0], shape[1] - size[1]])
+    if seed is None:
+        offset = room // 2
+    else:
+        offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed) * tf.cast(room + 1, tf.float32)), tf.int32)
+        offset = tf.minimum(offset, room)
+    image = image[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]]
+    mask = mask[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]]
+    return tf.ensure_shape(image, [*size, 3]), tf.ensure_shape(mask, list(size))
+
+
+def fit_example(image, mask, size, ignore_index=IGNORE_INDEX):
+    """Scale (aspect kept) to fit inside `size`, then pad (centred; mask: ignore) to exactly `size`."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    ratio = tf.minimum(size[0] / shape[0], size[1] / shape[1])
+    fitted = tf.cast(tf.minimum(tf.round(shape * ratio), tf.constant(size, tf.float32)), tf.int32)
+    fitted = tf.maximum(fitted, 1)
+    image, mask = _resize(image, mask, fitted)
+    return crop_or_pad_example(image, mask, size, ignore_index)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _shard_paths(data_dir, split, info):
+    """Full paths of the split's shards, checked against dataset_info.json and the disk."""
+    splits = info["splits"]
+    if split not in splits:
+        raise tfrecord.DatasetFormatError(
+            f"{data_dir}: no split {split!r} in {tfrecord.DATASET_INFO_NAME} (it has: {sorted(splits)})"
+        )
+    on_disk = tfrecord.existing_shards(data_dir, split)
+    listed = splits[split].get("shards") or on_disk
+    if not on_disk:
+        raise tfrecord.DatasetFormatError(f"{data_dir}: no shards for split {split!r} ({split}-*.tfrecord)")
+    missing = sorted(set(listed) - set(on_disk))
+    if missing:
+        raise tfrecord.DatasetFormatError(
+            f"{data_dir}: {tfrecord.DATASET_INFO_NAME} lists shards of {split!r} that are missing: {missing[:5]}"
+        )
+    if splits[split].get("num_examples", 1) == 0:
+        raise tfrecord.DatasetFormatError(f"{data_dir}: split {split!r} has no examples")
+    return [os.path.join(data_dir, name) for name in sorted(listed)]
+
+
+def _cache_path(prefix, split, image_size, resize_mode, training, pipeline_id, num_pipelines):
+    """A cache file per split, sizing and input pipeline: one prefix serves train and val alike,
+    and a changed image_size or resize_mode never reads the examples cached for another."""
+    size = "full" if image_size is None else f"{image_size[0]}x{image_size[1]}-{resize_mode}"
+    name = f"{split}-{size}-{'train' if training else 'eval'}-{pipeline_id}of{num_pipelines}"
+    return f"{os.fspath(prefix)}-{name}"
+
+
+def _check_first_record(paths):
+    """Fail early, with the file named, when the records are not in the keras-seg format."""
+    for path in paths:
+        try:
+            first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+            raise tfrecord.DatasetFormatError(f"{path}: not a TFRecord file ({err.message.splitlines()[0]})") from err
+        if first is not None:
+            try:
+                tfrecord.decode_example(first.numpy())
+            except tfrecord.DatasetFormatError as err:
+                raise tfrecord.DatasetFormatError(f"{path}: {err}") from err
+            except Exception as err:  # not even a tf.train.Example
+                raise tfrecord.DatasetFormatError(f"{path}: records are not tf.train.Example protos ({err})") from err
+            return
+    raise tfrecord.DatasetFormatError(f"the shards {[os.path.basename(p) for p in paths]} hold no records")
+
+
+def build_dataset(
+    data_dir,
+    split,
+    *,
+    training,
+    batch_size,
+    image_size=None,
+    resize_mode="resize",
+    shuffle_seed=None,
+    shuffle_buffer=512,
+    cache=None,
+    repeat=False,
+    drop_remainder=None,
+    input_context=None,
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=None,
+    prefetch=tf.data.AUTOTUNE,
+):
+    """A `tf.data.Dataset` of `(images, masks)` batches from a TFRecord directory.
+
+    Args:
+        data_dir: a directory written by `tools/make_tfrecords.py` (with `dataset_info.json`).
+        split: split name, e.g. "train" or "val".
+        training: shuffle, random crops (resize_mode="crop"), and whole batches only.
+        batch_size: examples per batch; the global batch size when `input_context` is given.
+        image_size: (height, width) of every example; required when training. None (evaluation
+            only) keeps each image's own size; examples of different sizes in one batch are then
+            padded at the bottom / right (image 0, mask ignore), so use batch_size=1 for mixed sizes.
+        resize_mode: how an example is brought to `image_size`:
+            "resize" stretches it (image bilinear, mask nearest);
+            "crop" pads it to at least `image_size` (mask: ignore), then crops (random when
+            training, centred otherwise);
+            "fit" keeps the aspect, scaling it to fit inside `image_size`, and pads the rest.
+        shuffle_seed: seed of the shard and example shuffles and of random crops (None: random).
+        shuffle_buffer: examples in the shuffle buffer (records before decoding; decoded examples
+            when cached).
+        cache: None, "memory", or a file path prefix: keep the decoded, sized examples (uint8) after
+            the first pass, so later epochs skip reading and decoding. The file name adds the
+            split, the sizing and the input pipeline to the prefix, so one prefix serves all.
+        repeat: repeat indefinitely (reshuffled each epoch).
+        drop_remainder: drop a last partial batch; default: `training` (fixed shapes for XLA).
+        input_context: `tf.distribute.InputContext`, as passed by
+            `strategy.distribute_datasets_from_function`: the pipeline reads its share of the
+            shards (or records) and batches per replica. See `distribute_dataset`.
+        num_parallel_calls: parallelism of interleave and decoding.
+        deterministic: keep element order fixed given the seed; default True when `shuffle_seed`
+            is set or not training, else False (a little faster).
+        prefetch: batches prefetched (AUTOTUNE by default; 0 for none).
+
+    Returns:
+        A dataset of (images float32 [B, H, W, 3] in [0, 1], masks uint8 [B, H, W]); 255 in the
+        mask (the directory's ignore index) marks pixels without a label.
+
+    Raises:
+        tfrecord.DatasetFormatError: missing directory or `dataset_info.json`, unknown split, no
+            shards, or records that are not in the keras-seg format.
+        ValueError: bad arguments.
+    """
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+    if image_size is None and training:
+        raise ValueError("training batches need a fixed image_size=(height, width)")
+    if image_size is not None:
+        image_size = tuple(int(v) for v in image_size)
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be (height, width), got {image_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if cache not in (None, "memory") and not isinstance(cache, (str, os.PathLike)):
+        raise ValueError(f"cache must be None, 'memory' or a file path, got {cache!r}")
+
+    data_dir = os.fspath(data_dir)
+    info = tfrecord.load_dataset_info(data_dir)
+    ignore_index = int(info["ignore_index"])
+    paths = _shard_paths(data_dir, split, info)
+    if tf.executing_eagerly():
+        _check_first_record(paths)
+
+    if deterministic is None:
+        deterministic = shuffle_seed is not None or not training
+    if shuffle_seed is None:
+        shuffle_seed = random.randrange(2**30)
+    drop_remainder = training if drop_remainder is None else drop_remainder
+
+    per_replica_batch = batch_size
+    pipeline_id, num_pipelines = 0, 1
+    if input_context is not None:
+        per_replica_batch = input_context.get_per_replica_batch_size(batch_size)
+        pipeline_id, num_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
+    seed = shuffle_seed + 7919 * pipeline_id  # pipelines shuffle and crop differently
+
+    files = tf.data.Dataset.from_tensor_slices(paths)
+    shard_records = num_pipelines > 1 and len(paths) < num_pipelines
+    if num_pipelines > 1 and not shard_records:
+        files = files.shard(num_pipelines, pipeline_id)
+    if training:
+        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = files.interleave(
+        lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES),
+        cycle_length=min(len(paths), 16),
+        block_length=1,
+        num_parallel_calls=num_parallel_calls,
+        deterministic=deterministic,
+    )
+    if shard_records:  # fewer shards than pipelines: each takes every n-th record
+        ds = ds.shard(num_pipelines, pipeline_id)
+
+    def decode_and_size(serialized):
+        image, mask = decode_record(serialized)
+        if image_size is None:
+            return image, mask
+        if resize_mode == "resize":
+            return resize_example(image, mask, image_size)
+        if resize_mode == "fit":
+            return fit_example(image, mask, image_size, ignore_index)
+        if training:  # "crop": padded here, randomly cropped after the cache
+            return _pad_to_at_least(image, mask, image_size, ignore_index)
+        return crop_or_pad_example(image, mask, image_size, ignore_index)
+
+    # Without a cache, shuffle the small serialized records; with one, the decoded examples
+    # (the cache is filled in one order, so shuffling must come after it).
+    if training and cache is None:
+        ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+    ds = ds.map(decode_and_size, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+    if cache is not None:
+        ds = ds.cache("" if cache == "memory" else _cache_path(cache, split, image_size, resize_mode, training,
+                                                                pipeline_id, num_pipelines))
+        if training:
+            ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def to_float(image, mask):
+        return tf.cast(image, tf.float32) / 255.0, mask
+
+    if training and resize_mode == "crop":
+        # Stateless crops keyed by the example's position in the stream: reproducible, and
+        # different in every epoch.
+        def random_crop(index, example):
+            crop_seed = tf.stack([tf.constant(seed + 2, tf.int64), index])
+            return to_float(*crop_or_pad_example(*example, image_size, ignore_index, seed=crop_seed))
+
+        ds = ds.enumerate().map(random_crop, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+    else:
+        ds = ds.map(to_float, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+    if image_size is None and per_replica_batch > 1:
+        ds = ds.padded_batch(
+            per_replica_batch,
+            padded_shapes=([None, None, 3], [None, None]),
+            padding_values=(0.0, tf.constant(ignore_index, tf.uint8)),
+            drop_remainder=drop_remainder,
+        )
+    else:
+        ds = ds.batch(per_replica_batch, drop_remainder=drop_remainder, num_parallel_calls=num_parallel_calls,
+                      deterministic=deterministic)
+    if prefetch:
+        ds = ds.prefetch(prefetch)
+    return ds
+
+
+def distribute_dataset(strategy, data_dir, split, *, batch_size, **kwargs):
+    """`build_dataset` for every input pipeline of a `tf.distribute` strategy.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`.
+        data_dir, split: as `build_dataset`.
+        batch_size: the global batch size (split evenly over the replicas; must divide evenly).
+        **kwargs: the other arguments of `build_dataset`.
+
+    Returns:
+        A `tf.distribute.DistributedDataset` whose elements hold one per-replica batch per replica.
+    """
+    if batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"global batch_size {batch_size} does not split over {strategy.num_replicas_in_sync} replicas"
+        )
+
+    def dataset_fn(input_context):
+        return build_dataset(data_dir, split, batch_size=batch_size, input_context=input_context, **kwargs)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)

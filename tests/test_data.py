@@ -1,0 +1,292 @@
+"""keras_seg.data: reading TFRecord directories into (image, mask) batches."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from keras_seg import data, tfrecord
+
+IGNORE = 255
+# Class k is drawn in colour PALETTE[k] (none of them black, the padding colour).
+PALETTE = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30], [30, 200, 200]], np.uint8)
+
+
+def _png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _example(rng, height, width, image_format="png"):
+    """A mask of class blocks (some ignore) and an image whose colours encode the classes."""
+    blocks = rng.integers(0, len(PALETTE), size=(height // 8 + 1, width // 8 + 1))
+    mask = np.kron(blocks, np.ones((8, 8), np.int64))[:height, :width].astype(np.uint8)
+    image = PALETTE[mask]
+    mask[:4, :4] = IGNORE  # an ignored corner, drawn in the class colour underneath
+    encoded = _png(image) if image_format == "png" else _jpeg(image)
+    return image, mask, encoded
+
+
+def write_dataset(directory, splits, *, num_shards=2, seed=0):
+    """Write a small keras-seg directory with the format's own writer.
+
+    splits: {name: [(height, width, image_format), ...]}. Returns {name: [(image, mask), ...]}.
+    """
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays, split_info = {}, {}
+    for split, sizes in splits.items():
+        writer = tfrecord.ShardedWriter(str(directory), split, num_examples=len(sizes), num_shards=num_shards)
+        arrays[split] = []
+        for position, (height, width, image_format) in enumerate(sizes):
+            image, mask, encoded = _example(rng, height, width, image_format)
+            filename = f"{split}/{position}.png"
+            writer.write(tfrecord.encode_example(encoded, image_format, _png(mask), height, width, filename), position)
+            arrays[split].append((image, mask))
+        writer.close()
+        split_info[split] = {"num_examples": len(sizes), "shards": writer.commit()}
+    common = {"label_space": "test", "num_classes": len(PALETTE), "class_names": [f"c{i}" for i in range(5)],
+              "class_colors": PALETTE.tolist(), "ignore_index": IGNORE}
+    tfrecord.write_dataset_info(str(directory), tfrecord.merged_dataset_info(None, common, split_info))
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tfr")
+    arrays = write_dataset(directory, {
+        "train": [(32, 48, "png")] * 6 + [(24, 40, "jpeg")] * 4,
+        "val": [(32, 48, "png"), (24, 40, "png"), (32, 48, "jpeg")],
+    })
+    return directory, arrays
+
+
+def _batches(ds):
+    return [(images.numpy(), masks.numpy()) for images, masks in ds]
+
+
+def _decode_classes(images):
+    """Class of each pixel from its colour (nearest palette entry), images float in [0, 1]."""
+    pixels = np.round(images * 255.0)
+    distance = ((pixels[..., None, :] - PALETTE.astype(np.float64)) ** 2).sum(-1)
+    return distance.argmin(-1)
+
+
+def test_training_batches_have_fixed_shape_and_dtypes(dataset_dir):
+    directory, _ = dataset_dir
+    ds = data.build_dataset(directory, "train", training=True, batch_size=4, image_size=(16, 24), shuffle_seed=1)
+    assert ds.element_spec[0].shape.as_list() == [4, 16, 24, 3]
+    assert ds.element_spec[1].shape.as_list() == [4, 16, 24]
+    batches = _batches(ds)
+    assert len(batches) == 2  # 10 examples, whole batches only
+    for images, masks in batches:
+        assert images.dtype == np.float32 and masks.dtype == np.uint8
+        assert images.min() >= 0.0 and images.max() <= 1.0
+        assert set(np.unique(masks)) <= set(range(len(PALETTE))) | {IGNORE}  # nearest resize: no new values
+
+
+def test_full_resolution_evaluation_keeps_each_size(dataset_dir):
+    directory, arrays = dataset_dir
+    ds = data.build_dataset(directory, "val", training=False, batch_size=1)
+    batches = _batches(ds)
+    assert sorted(m.shape for _, m in batches) == sorted((1, *m.shape) for _, m in arrays["val"])
+    for _, masks in batches:  # PNG examples come back exactly
+        match = [m for _, m in arrays["val"] if m.shape == masks.shape[1:] and np.array_equal(m, masks[0])]
+        assert match
+
+
+def test_full_resolution_batches_pad_masks_with_ignore(dataset_dir):
+    directory, _ = dataset_dir
+    (images, masks), *_ = _batches(data.build_dataset(directory, "val", training=False, batch_size=3))
+    assert masks.shape == (3, 32, 48)
+    small = [i for i in range(3) if (masks[i, 24:] == IGNORE).all() and (masks[i, :, 40:] == IGNORE).all()]
+    assert len(small) == 1
+    assert (images[small[0], 24:] == 0).all()
+
+
+def test_crop_mode_pads_with_ignore_never_a_class(tmp_path):
+    write_dataset(tmp_path, {"train": [(20, 30, "png")] * 4}, num_shards=1)
+    ds = data.build_dataset(tmp_path, "train", training=True, batch_size=4, image_size=(28, 36),
+                            resize_mode="crop", shuffle_seed=0)
+    images, masks = _batches(ds)[0]
+    # 8 rows and 6 columns of padding, centred: none of it may be a class.
+    assert (masks[:, :4] == IGNORE).all() and (masks[:, -4:] == IGNORE).all()
+    assert (masks[:, :, :3] == IGNORE).all() and (masks[:, :, -3:] == IGNORE).all()
+    assert (images[:, :4] == 0).all()
+    labelled = masks != IGNORE
+    assert (_decode_classes(images)[labelled] == masks[labelled]).all()  # no resampling: exact
+
+
+def test_crop_mode_random_crops_stay_aligned(tmp_path):
+    write_dataset(tmp_path, {"train": [(40, 64, "png")] * 8}, num_shards=1)
+    ds = data.build_dataset(tmp_path, "train", training=True, batch_size=8, image_size=(16, 16),
+                            resize_mode="crop", shuffle_seed=3)
+    images, masks = _batches(ds)[0]
+    labelled = masks != IGNORE
+    assert (_decode_classes(images)[labelled] == masks[labelled]).all()
+
+
+def test_fit_mode_keeps_aspect_and_pads_with_ignore(tmp_path):
+    arrays = write_dataset(tmp_path, {"val": [(20, 40, "png")]}, num_shards=1)
+    images, masks = _batches(data.build_dataset(tmp_path, "val", training=False, batch_size=1, image_size=(40, 40),
+                                                resize_mode="fit"))[0]
+    # 20x40 -> 40x80 does not fit; 20x40 fits as is: 10 rows of ignore above and below.
+    assert (masks[0, :10] == IGNORE).all() and (masks[0, 30:] == IGNORE).all()
+    np.testing.assert_array_equal(masks[0, 10:30], arrays["val"][0][1])
+
+
+def test_resize_mode_resamples_masks_nearest(tmp_path):
+    write_dataset(tmp_path, {"val": [(32, 48, "png")]}, num_shards=1)
+    images, masks = _batches(data.build_dataset(tmp_path, "val", training=False, batch_size=1, image_size=(13, 29)))[0]
+    assert masks.shape == (1, 13, 29)
+    assert set(np.unique(masks)) <= set(range(len(PALETTE))) | {IGNORE}
+
+
+def test_seeded_shuffle_is_reproducible(dataset_dir):
+    directory, _ = dataset_dir
+
+    def first_epoch(seed):
+        ds = data.build_dataset(directory, "train", training=True, batch_size=2, image_size=(24, 40), shuffle_seed=seed)
+        return np.concatenate([m for _, m in _batches(ds)])
+
+    np.testing.assert_array_equal(first_epoch(5), first_epoch(5))
+    assert not np.array_equal(first_epoch(5), first_epoch(6))
+
+
+def test_cache_and_repeat(dataset_dir, tmp_path):
+    directory, _ = dataset_dir
+    for cache in ("memory", str(tmp_path / "cache")):
+        ds = data.build_dataset(directory, "val", training=True, batch_size=3, image_size=(24, 40), shuffle_seed=0,
+                                cache=cache, repeat=True)
+        epochs = [np.sort(masks.reshape(3, -1), axis=0) for _, masks in ds.take(4).as_numpy_iterator()]
+        for epoch in epochs[1:]:  # 3 examples, batch 3: every batch is one epoch, reshuffled
+            np.testing.assert_array_equal(np.sort(epoch.sum(1)), np.sort(epochs[0].sum(1)))
+    # One prefix for two splits and two sizes: separate files, each read back as its own.
+    prefix = str(tmp_path / "shared")
+    for split, size in (("train", (24, 40)), ("val", (24, 40)), ("val", (16, 16))):
+        for _ in range(2):  # the second pass reads the cache
+            masks = [m for _, m in _batches(data.build_dataset(directory, split, training=False, batch_size=1,
+                                                               image_size=size, cache=prefix))]
+            assert masks[0].shape == (1, *size)
+    assert len({name.split(".")[0] for name in os.listdir(tmp_path) if name.startswith("shared")}) == 3
+
+
+def test_input_context_splits_the_examples(dataset_dir):
+    directory, _ = dataset_dir
+    seen = []
+    for pipeline in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2)
+        ds = data.build_dataset(directory, "val", training=False, batch_size=2, image_size=(24, 40),
+                                input_context=context)
+        seen.append([m for _, masks in _batches(ds) for m in masks])
+        assert all(masks.shape[0] == 1 for _, masks in _batches(ds))  # per-replica batch: 2 / 2
+    assert len(seen[0]) + len(seen[1]) == 3 and min(len(s) for s in seen) >= 1
+
+
+def test_mirrored_strategy_two_logical_cpus(dataset_dir):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    directory, _ = dataset_dir
+    dist = data.distribute_dataset(strategy, directory, "train", batch_size=4, training=True, image_size=(16, 24),
+                                   shuffle_seed=0)
+
+    @tf.function
+    def step(images, masks):
+        def replica_fn(x, y):
+            return tf.shape(x)[0], tf.reduce_sum(tf.cast(y != IGNORE, tf.int32))
+
+        return strategy.run(replica_fn, args=(images, masks))
+
+    steps = 0
+    for images, masks in dist:
+        sizes, _ = step(images, masks)
+        assert [int(s) for s in strategy.experimental_local_results(sizes)] == [2, 2]
+        devices = {t.device for t in strategy.experimental_local_results(images)}
+        assert len(devices) == 2
+        steps += 1
+    assert steps == 2
+    with pytest.raises(ValueError, match="split over"):
+        data.distribute_dataset(strategy, directory, "train", batch_size=3, training=True, image_size=(16, 24))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_missing_directory_and_info(tmp_path):
+    with pytest.raises(tfrecord.DatasetFormatError, match="no such directory"):
+        data.build_dataset(tmp_path / "absent", "train", training=False, batch_size=1)
+    with pytest.raises(tfrecord.DatasetFormatError, match="dataset_info.json"):
+        data.build_dataset(tmp_path, "train", training=False, batch_size=1)
+
+
+def test_error_unknown_split_and_no_shards(dataset_dir, tmp_path):
+    directory, _ = dataset_dir
+    with pytest.raises(tfrecord.DatasetFormatError, match="no split 'test'.*train"):
+        data.build_dataset(directory, "test", training=False, batch_size=1)
+    info = tfrecord.load_dataset_info(str(directory))
+    with open(tmp_path / tfrecord.DATASET_INFO_NAME, "w") as f:
+        json.dump(info, f)
+    with pytest.raises(tfrecord.DatasetFormatError, match="no shards for split 'train'"):
+        data.build_dataset(tmp_path, "train", training=False, batch_size=1)
+
+
+def test_error_records_not_in_the_format(tmp_path):
+    write_dataset(tmp_path, {"train": [(8, 8, "png")]}, num_shards=1)
+    shard = tmp_path / tfrecord.existing_shards(str(tmp_path), "train")[0]
+    other = tf.train.Example(features=tf.train.Features(feature={
+        "image_raw": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"]))}))
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        writer.write(other.SerializeToString())
+    with pytest.raises(tfrecord.DatasetFormatError, match="lacks the keys.*image/encoded"):
+        data.build_dataset(tmp_path, "train", training=True, batch_size=1, image_size=(8, 8))
+    shard.write_bytes(b"this is not a tfrecord file at all")
+    with pytest.raises(tfrecord.DatasetFormatError, match="not a TFRecord file"):
+        data.build_dataset(tmp_path, "train", training=True, batch_size=1, image_size=(8, 8))
+
+
+def test_error_bad_arguments(dataset_dir):
+    directory, _ = dataset_dir
+    with pytest.raises(ValueError, match="image_size"):
+        data.build_dataset(directory, "train", training=True, batch_size=2)
+    with pytest.raises(ValueError, match="resize_mode"):
+        data.build_dataset(directory, "train", training=True, batch_size=2, image_size=(8, 8), resize_mode="zoom")
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def test_real_cityscapes_pairs(shared_data, tmp_path):
+    """A few real pairs (photo | colour mask), converted with the format's writer, read back."""
+    from keras_seg.labels import cityscapes_color_table
+
+    pairs = sorted((shared_data / "cityscapes_pairs" / "train").glob("*.jpg"))[:4]
+    if not pairs:
+        pytest.skip("no cityscapes_pairs JPEGs")
+    colors, classes = cityscapes_color_table("trainid")
+    writer = tfrecord.ShardedWriter(str(tmp_path), "train", num_examples=len(pairs), num_shards=1)
+    for position, path in enumerate(pairs):
+        pair = np.asarray(Image.open(path).convert("RGB"))
+        width = pair.shape[1] // 2
+        photo, colour = pair[:, :width], pair[:, width:].astype(np.int32)
+        nearest = ((colour[..., None, :] - colors.astype(np.int32)) ** 2).sum(-1).argmin(-1)
+        mask = classes[nearest]
+        writer.write(tfrecord.encode_example(_jpeg(photo), "jpeg", _png(mask), *mask.shape, path.name), position)
+    writer.close()
+    common = {"label_space": "trainid", "num_classes": 19, "class_names": [str(i) for i in range(19)],
+              "ignore_index": IGNORE}
+    tfrecord.write_dataset_info(str(tmp_path), tfrecord.merged_dataset_info(None, common, {
+        "train": {"num_examples": len(pairs), "shards": writer.commit()}}))
+    ds = data.build_dataset(tmp_path, "train", training=True, batch_size=2, image_size=(128, 128), shuffle_seed=0)
+    for images, masks in _batches(ds):
+        assert images.shape == (2, 128, 128, 3) and masks.shape == (2, 128, 128)
+        assert set(np.unique(masks)) <= set(range(19)) | {IGNORE}
