@@ -48,6 +48,7 @@ TRAINING_DEFAULTS = {
     "seed": 0,
     "patience": 15,
     "max_steps": 0,
+    "time_limit": 0,
     "steps_per_epoch": 0,
     "steps_per_call": 10,
     "cache": None,
@@ -120,6 +121,8 @@ def build_parser():
     o.add_argument("--patience", type=int, help="early stopping: epochs without val mIoU improvement (0: off)")
     o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (0: no limit)")
     o.add_argument("--steps-per-epoch", type=int, help="0: one pass over the training split")
+    o.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="do not start an epoch that would end after this many minutes of training (0: none)")
     o.add_argument("--cache", help="'memory' or a file prefix: cache decoded examples")
     o.add_argument("--encoder-weights", help="local weights file for the FCN encoders (nothing is downloaded)")
     return parser
@@ -173,7 +176,7 @@ def validate_config(config):
     for key in ("epochs", "batch_size", "val_batch_size", "steps_per_call"):
         if int(config[key]) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    for key in ("max_steps", "steps_per_epoch", "patience"):
+    for key in ("max_steps", "steps_per_epoch", "patience", "time_limit"):
         if int(config[key]) < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
     if not config["learning_rate"] > 0:

@@ -195,7 +195,12 @@ class Trainer:
         def replica_eval_step(images, masks):
             self.val_iou.update_state(masks, model(images, training=False))
 
-        if config["jit"]:
+        if config["jit"] and self.replicas > 1:
+            # A replica function compiled with XLA cannot update mirrored variables (Keras, too,
+            # turns XLA off under tf.distribute).
+            self.log("--jit: XLA is off with several replicas (a compiled replica step cannot update "
+                     "mirrored variables)")
+        elif config["jit"]:
             replica_train_step = tf.function(replica_train_step, jit_compile=True)
 
         @tf.function
@@ -247,6 +252,7 @@ class Trainer:
                  f"{self.steps_per_epoch} steps/epoch")
 
         stopped_early = False
+        run_started = time.perf_counter()
         for epoch in range(start_epoch, config["epochs"]):
             started = time.perf_counter()
             self.train_iou.reset_state()
@@ -288,6 +294,10 @@ class Trainer:
             if config["patience"] and int(self.wait.numpy()) >= config["patience"]:
                 self.log(f"early stop: no val mIoU improvement in {config['patience']} epochs")
                 stopped_early = True
+                break
+            elapsed = time.perf_counter() - run_started
+            if config["time_limit"] and epoch + 1 < config["epochs"] and elapsed + seconds > 60 * config["time_limit"]:
+                self.log(f"time limit: another epoch (~{seconds:.0f} s) would end after {config['time_limit']} min")
                 break
         self._history_file.close()
         writer.close()
