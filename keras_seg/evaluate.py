@@ -1,0 +1,265 @@
+"""Evaluate a run or an exported SavedModel on a converted split.
+
+    python -m keras_seg.evaluate --model RUN_OR_SAVEDMODEL --data DIR [--split val] [--full-res] [--flip]
+
+One confusion matrix over the whole split (ground-truth 255 not counted) gives mIoU, per-class
+IoU / accuracy / Dice, pixel accuracy, mean Dice and, for Cityscapes trainIds, the 7-category
+mIoU. They are printed, and written with the matrix as `metrics.json`, `per_class_iou.txt` and
+`confusion_matrix.png` to `--output` (default for a run: `RUN/evaluation/SPLIT-MODE`).
+
+Modes:
+* default: at the model's input size, images resized as in training and masks nearest-neighbour
+  (the number training's validation reports);
+* `--full-res`: at the original resolution, by sliding windows (`--tile`, `--overlap`), or with
+  `--inference resize` by predicting at the input size and resizing the probabilities back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+OUTPUT_NAMES = ("metrics.json", "per_class_iou.txt", "confusion_matrix.png")
+
+
+class EvaluationError(ValueError):
+    """A bad argument or a model and data that do not fit, said in one line."""
+
+
+def parse_size(text: str) -> tuple:
+    """"HxW" -> (H, W), for --tile."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW with positive sides, such as 128x256, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def add_inference_arguments(parser, batch_help):
+    """--tile, --overlap, --flip and --batch-size, shared with keras_seg.predict."""
+    parser.add_argument("--tile", type=parse_size, metavar="HxW",
+                        help="sliding-window tile (default: the model's input size; others are resized to it)")
+    parser.add_argument("--overlap", type=float,
+                        help="share of a sliding-window tile its neighbour covers again, in [0, 1) (default: 1/3, "
+                             "MMSegmentation's)")
+    parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image's prediction")
+    parser.add_argument("--batch-size", type=int, default=8, help=f"{batch_help} (default: 8)")
+
+
+def check_inference_arguments(parser, args):
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        parser.exit(2, f"error: --overlap must be in [0, 1), got {args.overlap}\n")
+    if args.batch_size < 1:
+        parser.exit(2, f"error: --batch-size must be >= 1, got {args.batch_size}\n")
+
+
+def mode_name(full_res: bool, inference_mode: str, flip: bool) -> str:
+    name = f"fullres-{inference_mode}" if full_res else "input-size"
+    return name + ("-flip" if flip else "")
+
+
+def check_label_spaces(segmenter, info, data_dir):
+    """The model predicts the classes the data is labelled with."""
+    model_names = [str(n) for n in segmenter.class_names]
+    data_names = [str(n) for n in info.get("class_names", [])]
+    if segmenter.num_classes != int(info["num_classes"]) or (data_names and model_names != data_names):
+        raise EvaluationError(
+            f"the model predicts {segmenter.num_classes} classes ({segmenter.label_space}), the data in {data_dir} "
+            f"has {info['num_classes']} ({info.get('label_space')}): not the same label space")
+
+
+def evaluate_split(segmenter, data_dir, split="val", full_res=False, inference_mode="slide", tile=None,
+                   overlap=None, flip=False, batch_size=4, limit=0, progress=True) -> dict:
+    """The confusion matrix and metrics of `segmenter` on a split.
+
+    Args:
+        segmenter: a `keras_seg.inference.Segmenter`.
+        data_dir: a directory written by `tools/make_tfrecords.py`.
+        split: split name.
+        full_res: evaluate at each image's own size (else at the model's input size).
+        inference_mode: with `full_res`: "slide" (sliding windows) or "resize".
+        tile, overlap: sliding-window tile (h, w) (default: the input size) and overlap.
+        flip: average with the mirror image's probabilities.
+        batch_size: images per model call at the input size; tiles per call when sliding.
+        limit: evaluate only the first `limit` images (0: all).
+        progress: show a progress bar.
+
+    Returns:
+        `keras_seg.metrics.summarize_confusion`'s dict, plus `images` and `seconds`.
+    """
+    from tqdm import tqdm
+
+    from keras_seg import data, inference, metrics, tfrecord
+
+    info = tfrecord.load_dataset_info(data_dir)
+    check_label_spaces(segmenter, info, data_dir)
+    if split not in info["splits"]:
+        raise EvaluationError(f"{data_dir}: no split {split!r} (it has: {sorted(info['splits'])})")
+    total = int(info["splits"][split].get("num_examples", 0)) or None
+    if limit:
+        total = min(total or limit, limit)
+    image_size = None if full_res else segmenter.input_size
+    dataset = data.build_dataset(data_dir, split, training=False, batch_size=1 if full_res else batch_size,
+                                 image_size=image_size, resize_mode="resize", prefetch=2)
+    num_classes = segmenter.num_classes
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    count = 0
+    started = time.perf_counter()
+    with tqdm(total=total, unit="img", desc=f"evaluate {split}", disable=not progress) as bar:
+        for images, masks in dataset:
+            # The reader's floats are uint8 / 255: rounding gives the bytes back exactly.
+            images = np.rint(images.numpy() * 255.0).astype(np.uint8)
+            masks = masks.numpy()
+            if limit:
+                images, masks = images[:limit - count], masks[:limit - count]
+            if full_res:
+                predictions = [inference.predict_image(segmenter, image, inference_mode, flip, tile, overlap,
+                                                       batch_size).class_ids for image in images]
+            else:
+                predictions = inference.predict_batch_at_input_size(segmenter, images, flip)
+            for mask, prediction in zip(masks, predictions):
+                cm += metrics.confusion_matrix(mask, prediction, num_classes, info.get("ignore_index", 255))
+            count += len(images)
+            bar.update(len(images))
+            if limit and count >= limit:
+                break
+    if count == 0:
+        raise EvaluationError(f"{data_dir}: split {split!r} has no examples")
+    summary = metrics.summarize_confusion(cm, segmenter.class_names, segmenter.label_space)
+    summary.update(images=count, seconds=time.perf_counter() - started)
+    return summary
+
+
+def report(summary, class_names, settings) -> dict:
+    """The JSON written as metrics.json: settings, metrics by name, the confusion matrix (NaN -> null)."""
+    from keras_seg.labels import CITYSCAPES_CATEGORIES
+
+    def number(value):
+        return None if value is None or np.isnan(value) else float(value)
+
+    out = dict(settings)
+    out.update({key: number(summary[key]) for key in ("miou", "mean_accuracy", "pixel_accuracy", "mean_dice")})
+    if "category_miou" in summary:
+        out["category_miou"] = number(summary["category_miou"])
+        out["per_category_iou"] = {name: number(v) for name, v in zip(CITYSCAPES_CATEGORIES,
+                                                                       summary["per_category_iou"])}
+    out["per_class"] = {
+        str(name): {"iou": number(iou), "accuracy": number(acc), "dice": number(dice)}
+        for name, iou, acc, dice in zip(class_names, summary["per_class_iou"], summary["per_class_accuracy"],
+                                        summary["per_class_dice"])
+    }
+    out["images"] = summary["images"]
+    out["seconds"] = round(summary["seconds"], 3)
+    out["confusion_matrix"] = np.asarray(summary["confusion_matrix"]).tolist()
+    return out
+
+
+def summary_lines(summary) -> list:
+    def percent(value):
+        return "-" if np.isnan(value) else f"{100 * value:.2f}"
+
+    lines = [f"mIoU {percent(summary['miou'])}  pixel accuracy {percent(summary['pixel_accuracy'])}  "
+             f"mean accuracy {percent(summary['mean_accuracy'])}  mean Dice {percent(summary['mean_dice'])}"]
+    if "category_miou" in summary:
+        lines.append(f"category mIoU {percent(summary['category_miou'])} (Cityscapes' 7 categories)")
+    lines.append(f"{summary['images']} images in {summary['seconds']:.1f} s "
+                 f"({summary['seconds'] / max(1, summary['images']):.3f} s per image)")
+    return lines
+
+
+def default_output(segmenter, split, mode) -> str:
+    if segmenter.kind != "run":
+        raise EvaluationError("--output DIR is needed with a SavedModel (nothing is written into an export)")
+    root = segmenter.source if os.path.isdir(segmenter.source) else os.path.dirname(segmenter.source)
+    return os.path.join(root, "evaluation", f"{split}-{mode}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_seg.evaluate",
+        description="Evaluate a training run or an exported SavedModel on a converted split: mIoU, per-class "
+                    "IoU / accuracy / Dice, pixel accuracy, Cityscapes category mIoU, a confusion matrix PNG.",
+    )
+    parser.add_argument("--model", required=True, metavar="RUN_OR_SAVEDMODEL",
+                        help="run directory (its best.keras), a .keras file in one, or a keras_seg.export SavedModel "
+                             "(a version folder, or the model folder: its highest version)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="TFRecord directory from tools/make_tfrecords.py")
+    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument("--output", metavar="DIR",
+                        help="where metrics.json, per_class_iou.txt and confusion_matrix.png go "
+                             "(default for a run: RUN/evaluation/SPLIT-MODE; needed for a SavedModel)")
+    parser.add_argument("--overwrite", action="store_true", help="replace those files when they exist")
+    parser.add_argument("--full-res", action="store_true",
+                        help="evaluate at the original resolution (default: at the model's input size, as training "
+                             "validates)")
+    parser.add_argument("--inference", choices=("slide", "resize"), default="slide",
+                        help="with --full-res: sliding windows, or predicting at the input size and resizing the "
+                             "probabilities back (for models trained on downscaled images); default: slide")
+    add_inference_arguments(parser, "images per model call (tiles with --full-res)")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0: all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_inference_arguments(parser, args)
+    if args.limit < 0:
+        parser.exit(2, f"error: --limit must be >= 0, got {args.limit}\n")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from keras_seg import inference, metrics, visualize
+    from keras_seg.files import write_json_atomically, write_text_atomically
+    from keras_seg.tfrecord import DatasetFormatError
+
+    mode = mode_name(args.full_res, args.inference, args.flip)
+    try:
+        from keras_seg.tfrecord import load_dataset_info
+
+        load_dataset_info(args.data)  # a bad --data fails before the model loads
+        segmenter = inference.load_segmenter(args.model)
+        output = args.output or default_output(segmenter, args.split, mode)
+        existing = [n for n in OUTPUT_NAMES if os.path.exists(os.path.join(output, n))]
+        if existing and not args.overwrite:
+            raise EvaluationError(f"{output} already holds {', '.join(existing)}: --overwrite to replace, or "
+                                  "choose another --output")
+        summary = evaluate_split(segmenter, args.data, args.split, args.full_res, args.inference, args.tile,
+                                 args.overlap, args.flip, args.batch_size, args.limit, progress=not args.no_progress)
+    except (EvaluationError, inference.InferenceError, DatasetFormatError, OSError) as err:
+        parser.exit(2, f"error: {err}\n")
+    except tf.errors.OpError as err:
+        parser.exit(2, f"error: reading {args.data} split {args.split!r}: {err.message.strip().splitlines()[0]}\n")
+
+    class_names = segmenter.class_names
+    sliding = args.full_res and args.inference == "slide"
+    overlap = inference.DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    settings = {"model": segmenter.source, "data": args.data, "split": args.split, "mode": mode,
+                "full_res": args.full_res, "inference": args.inference if args.full_res else "input-size",
+                "flip": args.flip, "tile": list(args.tile or segmenter.input_size) if sliding else None,
+                "overlap": overlap if sliding else None, "input_size": list(segmenter.input_size),
+                "label_space": segmenter.label_space}
+    table = metrics.format_table(summary["confusion_matrix"], class_names)
+    lines = summary_lines(summary)
+    print(table)
+    print("\n".join(lines))
+    os.makedirs(output, exist_ok=True)
+    write_json_atomically(os.path.join(output, "metrics.json"), report(summary, class_names, settings))
+    write_text_atomically(os.path.join(output, "per_class_iou.txt"),
+                          f"{segmenter.source} on {args.data} {args.split} ({mode})\n{table}\n" + "\n".join(lines)
+                          + "\n")
+    title = f"{args.split} ({mode}): mIoU {100 * summary['miou']:.1f}%, rows: ground truth, % of its pixels"
+    visualize.save_png_atomically(os.path.join(output, "confusion_matrix.png"),
+                                  visualize.confusion_matrix_image(summary["confusion_matrix"], class_names,
+                                                                   title=title))
+    print(f"wrote {', '.join(OUTPUT_NAMES)} to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
