@@ -45,6 +45,18 @@ _EXPORTS = {
     "MeanDice": "keras_seg.metrics",
     "summarize_confusion": "keras_seg.metrics",
     "PerClassMetricsLogger": "keras_seg.callbacks",
+    # inference, evaluation, export
+    "load_segmenter": "keras_seg.inference",
+    "Segmenter": "keras_seg.inference",
+    "predict_image": "keras_seg.inference",
+    "sliding_window_probabilities": "keras_seg.inference",
+    "InferenceError": "keras_seg.inference",
+    "evaluate_split": "keras_seg.evaluate",
+    "export_saved_model": "keras_seg.export",
+    # pictures
+    "colorize": "keras_seg.visualize",
+    "overlay": "keras_seg.visualize",
+    "confusion_matrix_image": "keras_seg.visualize",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -91,6 +91,7 @@ def build_parser():
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an existing --output")
     parser.add_argument("--init-from", metavar="RUN", help="start from another run's best weights (fine-tuning)")
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
+    parser.add_argument("--no-export", action="store_true", help="do not export a SavedModel at the end")
     o = parser.add_argument_group("overrides (default: the preset's value)")
     o.add_argument("--epochs", type=int)
     o.add_argument("--batch-size", type=int, help="per replica; the global batch is this x replicas")
@@ -152,7 +153,7 @@ def resolve_config(args, demo_dir=None) -> dict:
     for key, value in args.augment or []:
         config["augment"][key] = value
     config.update(preset=args.preset, data=args.data or demo_dir, resume=args.resume, init_from=args.init_from,
-                  progress=not args.no_progress, demo=args.data is None)
+                  progress=not args.no_progress, export=not args.no_export, demo=args.data is None)
     validate_config(config)
     return config
 

@@ -52,6 +52,7 @@ class RunDir:
         self.best_table = os.path.join(root, "best_per_class_iou.txt")
         self.best_metrics = os.path.join(root, "best_metrics.json")
         self.samples = os.path.join(root, "samples.png")
+        self.saved_model = os.path.join(root, "saved_model")
 
 
 def save_model_atomically(model, path):
@@ -311,6 +312,10 @@ class Trainer:
         if self.chief:
             save_model_atomically(self.model, paths.last_model)
             self._sample_grid()
+            if config.get("export", True) and os.path.exists(paths.best_model):
+                from keras_seg.export import export_saved_model
+
+                export_saved_model(paths.root, paths.saved_model, version=1, overwrite=True, log=self.log)
         summary = json.load(open(paths.best_metrics)) if os.path.exists(paths.best_metrics) else {}
         summary["stopped_early"] = stopped_early
         return summary

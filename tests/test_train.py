@@ -78,6 +78,7 @@ def test_tiny_model_overfits_a_handful_of_images(tiny_data, tmp_path):
                  "best_per_class_iou.txt", "best_metrics.json", "samples.png"):
         assert (run / name).is_file(), name
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "logs"))
+    assert (run / "saved_model" / "run" / "1" / "saved_model.pb").is_file()
     assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-6")
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["seed"] == 1 and recorded["model"]["depth"] == 3
@@ -194,7 +195,7 @@ def test_bfloat16_reaches_float32_miou_on_the_demo(tmp_path):
     for precision in ("float32", "mixed_bfloat16"):
         config = make_config(directory, tmp_path / precision, "--epochs", "5", "--steps-per-epoch", "24",
                              "--precision", precision, "--model-arg", "base_filters=16", "--batch-size", "8",
-                             "--learning-rate", "0.005", "--patience", "0")
+                             "--learning-rate", "0.005", "--patience", "0", "--no-export")
         scores[precision] = Trainer(config, log=lambda _: None).run()["miou"]
     assert scores["float32"] > 0.25, scores  # trained far enough to compare (untrained: ~0.03)
     assert abs(scores["mixed_bfloat16"] - scores["float32"]) < 0.05, scores
