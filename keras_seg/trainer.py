@@ -67,7 +67,7 @@ def save_model_atomically(model, path):
 
 
 def build_optimizer(config, steps_per_epoch):
-    """AdamW / Adam with the configured schedule and clipping; returns (optimizer, plateau or None)."""
+    """AdamW / Adam with the configured schedule (the plateau schedule is applied by the trainer) and clipping."""
     lr = config["learning_rate"]
     total = max(1, config["epochs"] * steps_per_epoch)
     warmup = int(config["warmup_epochs"] * steps_per_epoch)
@@ -141,15 +141,17 @@ class Trainer:
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_miou")
             self.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_without_improvement")
-            self.lr_scale = tf.Variable(1.0, dtype=tf.float64, trainable=False, name="plateau_lr_scale")
         counts = self.info["splits"]["train"].get("class_pixel_counts")
         self.loss_fn = losses.build_loss(
             config["loss"], num_classes=self.num_classes, class_weights=config["class_weights"],
             class_pixel_counts=counts,
         )
-        self.augment_config = augment.AugmentConfig(**config["augment"])
+        # (a config read back from config.json on --resume holds lists where the dataclass has tuples)
+        self.augment_config = augment.AugmentConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()})
+        # The optimizer's state includes its learning rate, so a plateau cut survives a resume.
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, epoch=self.epoch,
-                                              best=self.best, wait=self.wait, lr_scale=self.lr_scale)
+                                              best=self.best, wait=self.wait)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir.checkpoints, max_to_keep=1)
 
     def _datasets(self):
@@ -346,7 +348,6 @@ class Trainer:
             return
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         inner.learning_rate.assign(inner.learning_rate * config["plateau_factor"])
-        self.lr_scale.assign(self.lr_scale * config["plateau_factor"])
         self.log(f"val mIoU has not improved for {int(self.wait.numpy())} epochs: learning rate x"
                  f"{config['plateau_factor']} -> {current_learning_rate(self.optimizer):.2e}")
 

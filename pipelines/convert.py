@@ -263,6 +263,10 @@ def _convert_split(source, split, samples, writer, options, pool, skip_bad, prog
         if pool is None:
             _init_worker(source, options)
             results = map(_process, samples)
+        elif isinstance(samples, list):
+            # Samples are paths: hand them all to the workers at once, so that they keep working
+            # while this process is busy (importing TensorFlow at the first record, writing).
+            results = pool.imap(_process, samples, chunksize=4)
         else:
             results = _windowed_imap(pool, samples)
         for position, result in enumerate(results):
@@ -303,8 +307,9 @@ def _convert_split(source, split, samples, writer, options, pool, skip_bad, prog
 
 
 def _windowed_imap(pool, samples, window=256):
-    """Ordered pool.imap over `samples`, a window at a time: imap reads its whole input at once, and
-    a lazily read source (TFDS) must not be pulled into memory whole."""
+    """Ordered pool.imap over a lazily read sequence (TFDS: samples carry their pixels), a window at
+    a time: imap reads its whole input at once, and such a source must not be pulled into memory
+    whole."""
     iterator = iter(samples)
     while chunk := list(itertools.islice(iterator, window)):
         yield from pool.imap(_process, chunk, chunksize=4)

@@ -38,6 +38,10 @@ CANDIDATES = {
     "d5_f8_silu_128x256": (dict(depth=5, base_filters=8, activation="silu"), (128, 256)),
     "d5_f8_relu_128x256": (dict(depth=5, base_filters=8, activation="relu"), (128, 256)),
     "d4_f16_silu_256x256": (dict(depth=4, base_filters=16, activation="silu"), (256, 256)),
+    # the unet_silu preset itself, for GPU figures: float32 vs mixed_float16 vs mixed_float16 + XLA
+    #   python tools/bench_models.py --candidates unet_silu_256x512 --policies float32 mixed_float16
+    #   python tools/bench_models.py --candidates unet_silu_256x512 --policies mixed_float16 --jit-compile true
+    "unet_silu_256x512": (dict(depth=4, base_filters=64, activation="silu"), (256, 512)),
 }
 # About 4 minutes on 2 cores; unet_small is d5_f8_silu_128x256.
 DEFAULT_CANDIDATES = [
