@@ -12,24 +12,9 @@ import tensorflow as tf
 
 from keras_seg import data, demo, evaluate, export, inference, tfrecord
 from keras_seg.labels import cityscapes_label_space
-from keras_seg.models.presets import build_model
+from tiny_run import INPUT_SIZE, write_run
 
-INPUT_SIZE = (64, 128)
 DATA_SIZE = (96, 192)  # stored size, larger than the model's input: resized, or tiled at full resolution
-MODEL = {"architecture": "unet", "depth": 3, "base_filters": 8, "activation": "silu", "batch_norm": True,
-         "upsampling": "transpose"}
-
-
-def write_run(directory, seed=3):
-    """A minimal run directory (config.json, dataset_info.json, best.keras) with a tiny untrained UNet."""
-    os.makedirs(directory, exist_ok=True)
-    keras.utils.set_random_seed(seed)
-    build_model({"model": MODEL, "input_size": INPUT_SIZE}, 19).save(os.path.join(directory, "best.keras"))
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"preset": "unet_small", "model": MODEL, "image_size": list(INPUT_SIZE)}, f)
-    with open(os.path.join(directory, "dataset_info.json"), "w") as f:
-        json.dump({"source": "demo", **cityscapes_label_space("trainid").to_json()}, f)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")

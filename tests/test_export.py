@@ -16,31 +16,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from keras_seg import data, demo, export
 from keras_seg.inference import load_run_model
 from keras_seg.labels import cityscapes_label_space
-from keras_seg.models.presets import build_model
-
-INPUT_SIZE = (64, 128)
-MODEL = {"architecture": "unet", "depth": 3, "base_filters": 8, "activation": "silu", "batch_norm": True,
-         "upsampling": "transpose"}
-
-
-def write_run(directory, precision="float32", seed=3):
-    """A minimal run directory (config.json, dataset_info.json, best.keras) with a tiny untrained UNet."""
-    os.makedirs(directory, exist_ok=True)
-    previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy(precision)
-    try:
-        keras.utils.set_random_seed(seed)
-        model = build_model({"model": MODEL, "input_size": INPUT_SIZE}, 19)
-        model.save(os.path.join(directory, "best.keras"))
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous)
-    config = {"preset": "unet_small", "model": MODEL, "image_size": list(INPUT_SIZE),
-              "resolved": {"precision": precision}}
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f)
-    with open(os.path.join(directory, "dataset_info.json"), "w") as f:
-        json.dump({"source": "demo", **cityscapes_label_space("trainid").to_json()}, f)
-    return str(directory)
+from tiny_run import INPUT_SIZE, write_run
 
 
 def keras_resize_prediction(model, image):

@@ -1,6 +1,5 @@
 """predict: files at the right sizes in the right colours, Cityscapes labelIds, clear errors, full-res photos."""
 
-import json
 import os
 
 import cv2
@@ -11,25 +10,10 @@ import tensorflow as tf
 
 from keras_seg import data, demo, predict
 from keras_seg.labels import CITYSCAPES_LABELS, cityscapes_label_space
-from keras_seg.models.presets import build_model
+from tiny_run import INPUT_SIZE, write_run
 
-INPUT_SIZE = (64, 128)
 PHOTO_SIZE = (96, 192)
-MODEL = {"architecture": "unet", "depth": 3, "base_filters": 8, "activation": "silu", "batch_norm": True,
-         "upsampling": "transpose"}
 SPACE = cityscapes_label_space("trainid")
-
-
-def write_run(directory, seed=3):
-    """A minimal run directory (config.json, dataset_info.json, best.keras) with a tiny untrained UNet."""
-    os.makedirs(directory, exist_ok=True)
-    keras.utils.set_random_seed(seed)
-    build_model({"model": MODEL, "input_size": INPUT_SIZE}, 19).save(os.path.join(directory, "best.keras"))
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"preset": "unet_small", "model": MODEL, "image_size": list(INPUT_SIZE)}, f)
-    with open(os.path.join(directory, "dataset_info.json"), "w") as f:
-        json.dump({"source": "demo", **SPACE.to_json()}, f)
-    return str(directory)
 
 
 def read_rgb(path):

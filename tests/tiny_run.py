@@ -1,0 +1,33 @@
+"""A minimal training run directory for the inference tests: config.json, dataset_info.json and the
+best.keras of a tiny untrained UNet, written in a moment instead of trained."""
+
+import json
+import os
+
+import keras
+
+from keras_seg.labels import cityscapes_label_space
+from keras_seg.models.presets import build_model
+
+INPUT_SIZE = (64, 128)
+MODEL = {"architecture": "unet", "depth": 3, "base_filters": 8, "activation": "silu", "batch_norm": True,
+         "upsampling": "transpose"}
+
+
+def write_run(directory, precision="float32", seed=3):
+    """Writes the run (its model built under the dtype policy `precision`); returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        keras.utils.set_random_seed(seed)
+        build_model({"model": MODEL, "input_size": INPUT_SIZE}, 19).save(os.path.join(directory, "best.keras"))
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+    config = {"preset": "unet_small", "model": MODEL, "image_size": list(INPUT_SIZE),
+              "resolved": {"precision": precision}}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(directory, "dataset_info.json"), "w") as f:
+        json.dump({"source": "demo", **cityscapes_label_space("trainid").to_json()}, f)
+    return str(directory)
