@@ -128,6 +128,11 @@ class AugmentConfig:
         off = {f.name: 0.0 for f in dataclasses.fields(cls) if f.name.endswith("_prob")}
         return cls(**{**off, **overrides})
 
+    @classmethod
+    def from_dict(cls, values: dict) -> AugmentConfig:
+        """A config from a dict of its fields; lists (as JSON gives them back) become tuples."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -138,7 +143,7 @@ def _as_config(config) -> AugmentConfig:
     if isinstance(config, AugmentConfig):
         return config
     if isinstance(config, dict):
-        return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        return AugmentConfig.from_dict(config)
     raise TypeError(f"config must be an AugmentConfig, a dict or None, got {type(config).__name__}")
 
 

@@ -183,7 +183,7 @@ def validate_config(config):
     if not config["learning_rate"] > 0:
         raise ConfigError(f"--learning-rate must be > 0, got {config['learning_rate']}")
     try:
-        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()})
+        augment = AugmentConfig.from_dict(config["augment"])
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--augment: {err}") from err
     config["augment"] = augment.to_dict()  # every setting spelled out in the recorded config

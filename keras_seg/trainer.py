@@ -146,9 +146,7 @@ class Trainer:
             config["loss"], num_classes=self.num_classes, class_weights=config["class_weights"],
             class_pixel_counts=counts,
         )
-        # (a config read back from config.json on --resume holds lists where the dataclass has tuples)
-        self.augment_config = augment.AugmentConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()})
+        self.augment_config = augment.AugmentConfig.from_dict(config["augment"])
         # The optimizer's state includes its learning rate, so a plateau cut survives a resume.
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, epoch=self.epoch,
                                               best=self.best, wait=self.wait)
