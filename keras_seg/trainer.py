@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -316,7 +315,10 @@ class Trainer:
                 from keras_seg.export import export_saved_model
 
                 export_saved_model(paths.root, paths.saved_model, version=1, overwrite=True, log=self.log)
-        summary = json.load(open(paths.best_metrics)) if os.path.exists(paths.best_metrics) else {}
+        summary = {}
+        if os.path.exists(paths.best_metrics):
+            with open(paths.best_metrics) as f:
+                summary = json.load(f)
         summary["stopped_early"] = stopped_early
         return summary
 
@@ -426,6 +428,3 @@ def _jsonable(value):
         return value.item()
     raise TypeError(type(value).__name__)
 
-
-def print_line(text):
-    print(text, file=sys.stdout, flush=True)

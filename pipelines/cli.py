@@ -92,7 +92,7 @@ def make_source(args):
     """The source reader for the parsed arguments."""
     if args.source != "tfds":
         if not args.input:
-            raise _usage(f"{args.source} needs --input DIR")
+            raise _UsageError(f"{args.source} needs --input DIR")
         if not os.path.isdir(args.input):
             from pipelines.common import ConversionError
 
@@ -113,7 +113,7 @@ def make_source(args):
         from pipelines.folder import FolderSource
 
         if args.label_space:
-            raise _usage("folder takes its classes from --classes / --palette / --num-classes, not --label-space")
+            raise _UsageError("folder takes its classes from --classes / --palette / --num-classes, not --label-space")
         return FolderSource(args.input, args.classes, args.palette, args.num_classes, args.image_suffix,
                             args.mask_suffix)
     from pipelines.tfds_source import TfdsSource
@@ -123,11 +123,7 @@ def make_source(args):
 
 
 class _UsageError(Exception):
-    pass
-
-
-def _usage(message):
-    return _UsageError(message)
+    """A bad combination of arguments, reported by argparse as usage."""
 
 
 def main(argv=None) -> int:
