@@ -31,8 +31,10 @@ import glob
 import json
 import os
 import re
+import struct
 import tempfile
 
+import google_crc32c
 import numpy as np
 
 from keras_seg.files import publish, write_json_atomically
@@ -83,30 +85,49 @@ def encode_example(
     filename: str = "",
     channels: int = 3,
 ) -> bytes:
-    """One serialized `tf.train.Example` in the format above."""
-    import tensorflow as tf
+    """One serialized `tf.train.Example` in the format above.
 
-    def _bytes(value):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    def _int(value):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-
+    The bytes are those of `tf.train.Example(...).SerializeToString(deterministic=True)` (the tests
+    compare them), written without TensorFlow: the converter's processes never pay its import.
+    """
     if image_format not in ("jpeg", "png"):
         raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
     features = {
-        IMAGE_ENCODED: _bytes(image_bytes),
-        IMAGE_FILENAME: _bytes(filename.encode("utf-8")),
-        IMAGE_FORMAT: _bytes(image_format.encode("ascii")),
-        IMAGE_HEIGHT: _int(height),
-        IMAGE_WIDTH: _int(width),
-        IMAGE_CHANNELS: _int(channels),
-        MASK_ENCODED: _bytes(mask_png),
-        MASK_FORMAT: _bytes(b"png"),
+        IMAGE_ENCODED: image_bytes,
+        IMAGE_FILENAME: filename.encode("utf-8"),
+        IMAGE_FORMAT: image_format.encode("ascii"),
+        IMAGE_HEIGHT: int(height),
+        IMAGE_WIDTH: int(width),
+        IMAGE_CHANNELS: int(channels),
+        MASK_ENCODED: mask_png,
+        MASK_FORMAT: b"png",
     }
-    # deterministic=True: map entries in a fixed order, so the same example gives the same bytes in
-    # every process (the default order may differ between processes).
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+    entries = []
+    # Deterministic serialization writes map entries in key order: same example, same bytes.
+    for key in sorted(features, key=lambda k: k.encode("utf-8")):
+        value = features[key]
+        if isinstance(value, int):
+            feature = _message_field(3, _message_field(1, _varint(value)))  # int64_list { value (packed) }
+        else:
+            feature = _message_field(1, _message_field(1, bytes(value)))  # bytes_list { value }
+        entries.append(_message_field(1, _message_field(1, key.encode("utf-8")) + _message_field(2, feature)))
+    return _message_field(1, b"".join(entries))  # Example { features { feature: map<string, Feature> } }
+
+
+# The protobuf wire format, as much of it as tf.train.Example needs: every field here is
+# length-delimited (wire type 2), and the only numbers are packed int64 values (varints).
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # a negative int64 is its 64-bit two's complement, 10 bytes long
+    out = bytearray()
+    while value > 0x7F:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _message_field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def decode_example(serialized: bytes) -> dict:
@@ -152,6 +173,38 @@ def read_records(path: str):
 # --------------------------------------------------------------------------- writing
 
 
+def _masked_crc32c(data: bytes) -> bytes:
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def frame_record(record: bytes) -> bytes:
+    """One record as a TFRecord file stores it: length (uint64 LE), masked CRC-32C of the length,
+    the record, masked CRC-32C of the record (the layout of TensorFlow's `RecordWriter`)."""
+    length = struct.pack("<Q", len(record))
+    return b"".join((length, _masked_crc32c(length), record, _masked_crc32c(record)))
+
+
+class RecordFileWriter:
+    """Writes one TFRecord file, byte for byte as `tf.io.TFRecordWriter` (no compression) does,
+    without importing TensorFlow."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "wb")
+
+    def write(self, record: bytes):
+        self._file.write(frame_record(record))
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class ShardedWriter:
     """Writes one split's records into shards under temporary names; `commit` gives them their names.
 
@@ -172,15 +225,13 @@ class ShardedWriter:
         self.bytes_written = 0
 
     def _open_next(self):
-        import tensorflow as tf
-
         if self._writer is not None:
             self._writer.close()
         fd, path = tempfile.mkstemp(prefix=f".{self.split}-{len(self._temp_paths):05d}.", suffix=".partial",
                                     dir=self.directory)
         os.close(fd)
         self._temp_paths.append(path)
-        self._writer = tf.io.TFRecordWriter(path)
+        self._writer = RecordFileWriter(path)
         self._current_bytes = 0
 
     def write(self, record: bytes, position: int):

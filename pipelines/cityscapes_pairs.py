@@ -15,7 +15,7 @@ import os
 import cv2
 
 from keras_seg.labels import cityscapes_color_table, cityscapes_label_space
-from pipelines.common import ConversionError, Loaded, Sample, list_images, map_colors_nearest
+from pipelines.common import ConversionError, Loaded, Sample, list_images, map_colors_nearest, nearest_color_lut
 
 DEFAULT_MAX_COLOR_DISTANCE = 40.0
 
@@ -50,6 +50,10 @@ class CityscapesPairsSource:
             Sample(os.path.join(split, name), os.path.join(directory, name))
             for name in list_images(directory)
         ]
+
+    def prepare(self):
+        """Builds the 16 MiB colour table before the workers fork, so that they share one copy."""
+        nearest_color_lut(self.colors, self.classes, self.max_color_distance)
 
     def load(self, sample):
         pair = cv2.imread(sample.image_path, cv2.IMREAD_COLOR)

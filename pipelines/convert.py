@@ -34,14 +34,14 @@ class EncodeOptions:
 
 @dataclasses.dataclass
 class Encoded:
-    """What a worker sends back for one sample."""
+    """What a worker sends back for one sample: the serialized example, ready to write, and what
+    dataset_info.json counts."""
 
     name: str
-    image_bytes: bytes
+    record: bytes
     image_format: str
     height: int
     width: int
-    mask_png: bytes
     class_counts: np.ndarray  # 256 bins
     stats: dict
 
@@ -94,11 +94,11 @@ def encode_sample(sample: Sample, loaded: Loaded, options: EncodeOptions) -> Enc
         raise ConversionError(where, "could not encode the mask as PNG")
     return Encoded(
         name=sample.name,
-        image_bytes=image_bytes,
+        # Serialized here, in the worker: the writing process only appends bytes to a file.
+        record=tfrecord.encode_example(image_bytes, image_format, mask_buf.tobytes(), height, width, sample.name),
         image_format=image_format,
         height=height,
         width=width,
-        mask_png=mask_buf.tobytes(),
         class_counts=np.bincount(mask.ravel(), minlength=256),
         stats=loaded.stats,
     )
@@ -201,6 +201,8 @@ def convert(
             raise ConversionError(output_dir, f"already holds split '{split}'; pass --overwrite to replace it")
 
     workers = max(1, workers or os.cpu_count() or 1)
+    if hasattr(source, "prepare"):
+        source.prepare()  # tables every sample needs, built once here and shared by forked workers
     writers, split_infos = {}, {}
     pool = _start_pool(workers, source, options) if workers > 1 else None
     try:
@@ -276,10 +278,7 @@ def _convert_split(source, split, samples, writer, options, pool, skip_bad, prog
                     raise ConversionError(result.name, result.problem)
                 skipped.append(f"{result.name}: {result.problem}")
                 continue
-            record = tfrecord.encode_example(
-                result.image_bytes, result.image_format, result.mask_png, result.height, result.width, result.name
-            )
-            writer.write(record, position)
+            writer.write(result.record, position)
             written += 1
             counts += result.class_counts
             key = f"{result.height}x{result.width}"

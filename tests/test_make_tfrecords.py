@@ -224,6 +224,22 @@ def test_pairs_recover_official_train_ids_through_jpeg(shared_data, tmp_path):
     assert 0 < unmatched < 0.2 * mask.size
 
 
+def test_nearest_colour_mapping_equals_brute_force():
+    from keras_seg.labels import cityscapes_color_table
+    from pipelines.common import map_colors_nearest
+
+    colors, classes = cityscapes_color_table("trainid")
+    rng = np.random.default_rng(0)
+    # colours near the palette (JPEG-like noise, some beyond the limit) and anywhere in the cube
+    near = colors[rng.integers(0, len(colors), 3000)].astype(np.int32) + rng.integers(-30, 31, (3000, 3))
+    rgb = np.concatenate([np.clip(near, 0, 255), rng.integers(0, 256, (1000, 3))]).astype(np.uint8).reshape(80, 50, 3)
+    mask, far = map_colors_nearest(rgb, colors, classes, 40.0)
+    dist2 = ((rgb.reshape(-1, 1, 3).astype(np.int64) - colors.astype(np.int64)) ** 2).sum(-1)
+    expected = np.where(dist2.min(-1) <= 40.0**2, classes[dist2.argmin(-1)], 255).reshape(80, 50)  # ties: first
+    np.testing.assert_array_equal(mask, expected)
+    assert far == int((dist2.min(-1) > 40.0**2).sum()) > 0
+
+
 def copy_pairs(shared_data, destination, count):
     (destination / "train").mkdir(parents=True)
     for i in range(1, count + 1):
@@ -357,9 +373,13 @@ def test_one_and_two_workers_write_identical_shards(cityscapes, tmp_path):
     # 2 workers in a separate process, as the command line runs (workers forked before TensorFlow is
     # imported), and in this process, where TensorFlow is loaded (workers from a fork server): the
     # bytes must not depend on anything process-local
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_tfrecords.py"), "cityscapes", "--input",
-                    str(root), "--output", str(tmp_path / "w2"), "--workers", "2", "--num-shards", "2"],
-                   check=True, capture_output=True, timeout=300)
+    # (and TensorFlow is never imported there: records are written without it)
+    script = ("import sys; from pipelines.cli import main; code = main(sys.argv[1:]); "
+              "print('TENSORFLOW', 'tensorflow' in sys.modules); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, "cityscapes", "--input", str(root),
+                           "--output", str(tmp_path / "w2"), "--workers", "2", "--num-shards", "2"],
+                          check=True, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "TENSORFLOW False" in done.stdout
     assert run("cityscapes", "--input", root, "--output", tmp_path / "w2b", "--workers", 2, "--num-shards", 2) == 0
     names = sorted(leftover_files(tmp_path / "w1"))
     assert names == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",

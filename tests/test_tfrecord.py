@@ -39,6 +39,48 @@ def test_round_trip_bytes_and_arrays():
     np.testing.assert_array_equal(tf.io.decode_image(parsed[tfrecord.IMAGE_ENCODED]).numpy(), image)
 
 
+def _tf_example(image_bytes, image_format, mask_png, height, width, filename, channels=3):
+    """The reference: the same example built with TensorFlow's own protobuf classes."""
+
+    def _bytes(value):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def _int(value):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    feature = {
+        "image/encoded": _bytes(image_bytes), "image/filename": _bytes(filename.encode("utf-8")),
+        "image/format": _bytes(image_format.encode()), "image/height": _int(height), "image/width": _int(width),
+        "image/channels": _int(channels), "image/segmentation/class/encoded": _bytes(mask_png),
+        "image/segmentation/class/format": _bytes(b"png"),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("image_bytes, height, width, filename, channels", [
+    (b"", 0, 0, "", 3),                                   # empty values, zero ints
+    (b"\xff" * 127, 127, 128, "a.png", 1),                # lengths and ints at the 1/2-byte varint edge
+    (bytes(range(256)) * 700, 2**31, 2**40, "städte/köln 1.jpg", 3),  # 179 kB, 3-byte length, UTF-8 name
+    (b"x", -1, -(2**63), "n", 3),                         # negative int64: 10-byte varints
+])
+def test_encode_example_is_byte_identical_to_tensorflow(image_bytes, height, width, filename, channels):
+    mask_png = b"\x89PNG" + bytes(300)
+    ours = tfrecord.encode_example(image_bytes, "jpeg", mask_png, height, width, filename, channels)
+    assert ours == _tf_example(image_bytes, "jpeg", mask_png, height, width, filename, channels)
+
+
+def test_record_file_is_byte_identical_to_tensorflow_writer(tmp_path):
+    records = [b"", b"a", bytes(range(256)) * 300, _example(3)[2]]
+    with tfrecord.RecordFileWriter(str(tmp_path / "ours.tfrecord")) as writer:
+        for record in records:
+            writer.write(record)
+    with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as writer:
+        for record in records:
+            writer.write(record)
+    assert (tmp_path / "ours.tfrecord").read_bytes() == (tmp_path / "tf.tfrecord").read_bytes()
+    assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == records
+
+
 def test_record_without_the_keys_is_rejected():
     foreign = tf.train.Example(features=tf.train.Features(feature={
         "image_raw": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"]))})).SerializeToString()
