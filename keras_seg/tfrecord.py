@@ -178,6 +178,9 @@ def _masked_crc32c(data: bytes) -> bytes:
     return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
+FRAME_OVERHEAD = 16  # bytes a TFRecord frame adds to its record: length, and two CRCs
+
+
 def frame_record(record: bytes) -> bytes:
     """One record as a TFRecord file stores it: length (uint64 LE), masked CRC-32C of the length,
     the record, masked CRC-32C of the record (the layout of TensorFlow's `RecordWriter`)."""
@@ -194,6 +197,10 @@ class RecordFileWriter:
 
     def write(self, record: bytes):
         self._file.write(frame_record(record))
+
+    def write_framed(self, framed: bytes):
+        """Write a record already framed by `frame_record`."""
+        self._file.write(framed)
 
     def close(self):
         self._file.close()
@@ -235,15 +242,20 @@ class ShardedWriter:
         self._current_bytes = 0
 
     def write(self, record: bytes, position: int):
+        self.write_framed(frame_record(record), position)
+
+    def write_framed(self, framed: bytes, position: int):
+        """Write a record already framed by `frame_record` (the converter's workers frame their own)."""
+        size = len(framed) - FRAME_OVERHEAD  # shard sizes count records, as `write` does
         if self.num_shards is not None:
             target = position * self.num_shards // self.num_examples
             while len(self._temp_paths) <= target:
                 self._open_next()
-        elif self._writer is None or (self._current_bytes and self._current_bytes + len(record) > self.shard_bytes):
+        elif self._writer is None or (self._current_bytes and self._current_bytes + size > self.shard_bytes):
             self._open_next()
-        self._writer.write(record)
-        self._current_bytes += len(record)
-        self.bytes_written += len(record)
+        self._writer.write_framed(framed)
+        self._current_bytes += size
+        self.bytes_written += size
 
     def close(self):
         """Finish writing (empty trailing shards are created when num_shards asks for them)."""

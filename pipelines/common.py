@@ -185,17 +185,21 @@ def _nearest_color_lut(colors_bytes: bytes, classes_bytes: bytes, max_distance: 
     limit2 = max_distance * max_distance
     radius = int(np.floor(max_distance))
     lut = np.full(1 << 24, _FAR, np.uint8)
-    best = np.full(1 << 24, np.iinfo(np.int32).max, np.int32)
+    # Squared distances within the usual limits (< 255) fit in uint16: half the memory of int32 to
+    # fill and look up, which halves the build time.
+    dtype = np.uint16 if limit2 < np.iinfo(np.uint16).max else np.int32
+    best = np.full(1 << 24, np.iinfo(dtype).max, dtype)
     for color, cls in zip(palette, classes):
         axes = [np.arange(max(0, v - radius), min(255, v + radius) + 1, dtype=np.int32) for v in color]
         r, g, b = np.meshgrid(*axes, indexing="ij", sparse=True)
         dist2 = (r - color[0]) ** 2 + (g - color[1]) ** 2 + (b - color[2]) ** 2
-        keys = (r << 16) | (g << 8) | b
         near = dist2 <= limit2
-        keys, dist2 = np.broadcast_to(keys, near.shape)[near], dist2[near]
+        keys = np.broadcast_to((r << 16) | (g << 8) | b, near.shape)[near]
+        dist2 = dist2[near].astype(dtype)
         closer = dist2 < best[keys]
-        best[keys[closer]] = dist2[closer]
-        lut[keys[closer]] = cls
+        keys = keys[closer]
+        best[keys] = dist2[closer]
+        lut[keys] = cls
     return lut
 
 

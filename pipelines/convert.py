@@ -1,9 +1,12 @@
 """Runs a source reader over its splits and writes sharded TFRecords plus dataset_info.json.
 
-Work is spread over processes (`workers`); results come back in input order, so the shards are
-byte-identical whatever the worker count. Nothing is visible under its final name until the
-whole run has succeeded: shards are written under temporary names and renamed at the end, and
-on any error (or Ctrl-C) the temporary files are removed.
+Work is spread over processes (`workers`) in chunks of consecutive samples: each worker encodes a
+chunk into a scratch file of finished TFRecord frames and sends back only the per-sample facts;
+this process appends the chunks, in input order, to the shards. The shards are therefore
+byte-identical whatever the worker count, and the records' bytes never pass through a pipe.
+Nothing is visible under its final name until the whole run has succeeded: shards are written
+under temporary names and renamed at the end, and on any error (or Ctrl-C) the temporary files
+are removed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 
 import cv2
 import numpy as np
@@ -38,12 +43,13 @@ class Encoded:
     dataset_info.json counts."""
 
     name: str
-    record: bytes
+    record: bytes | None  # None once a worker has written it to its chunk file
     image_format: str
     height: int
     width: int
     class_counts: np.ndarray  # 256 bins
     stats: dict
+    framed_length: int = 0  # bytes of its TFRecord frame in the chunk file
 
 
 @dataclasses.dataclass
@@ -121,6 +127,24 @@ def _process(sample: Sample):
         return Failed(err.where, err.problem)
     except Exception as err:  # noqa: BLE001 - any reader failure is reported against its file
         return Failed(sample.image_path or sample.name, f"{type(err).__name__}: {err}")
+
+
+def _process_chunk(task):
+    """Encodes consecutive samples into one scratch file of TFRecord frames; returns its path and
+    the per-sample results, without the records (sending ~30 kB a record back through a pipe cost
+    the writing process more CPU than a second worker saved)."""
+    samples, scratch_dir = task
+    fd, path = tempfile.mkstemp(suffix=".frames", dir=scratch_dir)
+    results = []
+    with os.fdopen(fd, "wb") as frames:
+        for sample in samples:
+            result = _process(sample)
+            if isinstance(result, Encoded):
+                framed = tfrecord.frame_record(result.record)
+                frames.write(framed)
+                result.record, result.framed_length = None, len(framed)
+            results.append(result)
+    return path, results
 
 
 # --------------------------------------------------------------------------- planning
@@ -204,14 +228,18 @@ def convert(
     if hasattr(source, "prepare"):
         source.prepare()  # tables every sample needs, built once here and shared by forked workers
     writers, split_infos = {}, {}
-    pool = _start_pool(workers, source, options) if workers > 1 else None
+    pool = scratch_dir = None
+    if workers > 1:
+        scratch_dir = tempfile.mkdtemp(prefix=".chunks.", suffix=".partial", dir=output_dir)
+        pool = _start_pool(workers, source, options)
     try:
         for split, samples in plan.items():
             writer = tfrecord.ShardedWriter(
                 output_dir, split, num_examples=len(samples), num_shards=num_shards, shard_bytes=shard_bytes
             )
             writers[split] = writer
-            split_infos[split] = _convert_split(source, split, samples, writer, options, pool, skip_bad, progress)
+            split_infos[split] = _convert_split(source, split, samples, writer, options, pool, scratch_dir,
+                                                skip_bad, progress)
             if skip_bad and split_infos[split]["num_examples"] == 0:
                 raise ConversionError(source.root, f"every example of split '{split}' was bad; nothing to write")
         for writer in writers.values():
@@ -224,6 +252,7 @@ def convert(
         if pool is not None:
             pool.terminate()
             pool.join()
+            shutil.rmtree(scratch_dir, ignore_errors=True)
 
     # Everything succeeded: give the shards their names, drop what they replace, then the info.
     for split, writer in writers.items():
@@ -254,38 +283,43 @@ def _start_pool(workers, source, options):
     return context.Pool(workers, _init_worker, (source, options))
 
 
-def _convert_split(source, split, samples, writer, options, pool, skip_bad, progress):
+def _convert_split(source, split, samples, writer, options, pool, scratch_dir, skip_bad, progress):
     from tqdm import tqdm
 
     counts = np.zeros(256, np.int64)
     sizes, formats, stats, skipped = {}, {}, {}, []
-    written = 0
+    written = position = 0
     bar = tqdm(total=len(samples), desc=f"{split}", unit="img", disable=not progress, file=sys.stderr)
     try:
         if pool is None:
             _init_worker(source, options)
-            results = map(_process, samples)
-        elif isinstance(samples, list):
-            # Samples are paths: hand them all to the workers at once, so that they keep working
-            # while this process is busy (importing TensorFlow at the first record, writing).
-            results = pool.imap(_process, samples, chunksize=4)
+            chunks = ((None, [_process(sample)]) for sample in samples)
         else:
-            results = _windowed_imap(pool, samples)
-        for position, result in enumerate(results):
-            bar.update(1)
-            if isinstance(result, Failed):
-                if not skip_bad:
-                    raise ConversionError(result.name, result.problem)
-                skipped.append(f"{result.name}: {result.problem}")
-                continue
-            writer.write(result.record, position)
-            written += 1
-            counts += result.class_counts
-            key = f"{result.height}x{result.width}"
-            sizes[key] = sizes.get(key, 0) + 1
-            formats[result.image_format] = formats.get(result.image_format, 0) + 1
-            for k, v in result.stats.items():
-                stats[k] = stats.get(k, 0) + v
+            chunks = _chunked_imap(pool, samples, scratch_dir)
+        for frames_path, results in chunks:
+            frames = open(frames_path, "rb") if frames_path else None
+            try:
+                for result in results:
+                    position += 1
+                    bar.update(1)
+                    if isinstance(result, Failed):
+                        if not skip_bad:
+                            raise ConversionError(result.name, result.problem)
+                        skipped.append(f"{result.name}: {result.problem}")
+                        continue
+                    framed = frames.read(result.framed_length) if frames else tfrecord.frame_record(result.record)
+                    writer.write_framed(framed, position - 1)
+                    written += 1
+                    counts += result.class_counts
+                    key = f"{result.height}x{result.width}"
+                    sizes[key] = sizes.get(key, 0) + 1
+                    formats[result.image_format] = formats.get(result.image_format, 0) + 1
+                    for k, v in result.stats.items():
+                        stats[k] = stats.get(k, 0) + v
+            finally:
+                if frames:
+                    frames.close()
+                    os.remove(frames_path)
     finally:
         bar.close()
     num_classes = source.label_space.num_classes
@@ -305,13 +339,22 @@ def _convert_split(source, split, samples, writer, options, pool, skip_bad, prog
     return info
 
 
-def _windowed_imap(pool, samples, window=256):
-    """Ordered pool.imap over a lazily read sequence (TFDS: samples carry their pixels), a window at
-    a time: imap reads its whole input at once, and such a source must not be pulled into memory
-    whole."""
+def _chunked_imap(pool, samples, scratch_dir, chunk_size=32, window=8):
+    """Ordered (frames file, results) per chunk of `chunk_size` consecutive samples.
+
+    Chunks are small so that the workers stay evenly loaded to the end; a list of samples (paths)
+    is handed over whole, so that the workers never wait for this process, while a lazily read
+    sequence (TFDS: samples carry their pixels) goes `window` chunks at a time, since `imap` reads
+    its whole input at once and such a source must not be pulled into memory whole.
+    """
     iterator = iter(samples)
-    while chunk := list(itertools.islice(iterator, window)):
-        yield from pool.imap(_process, chunk, chunksize=4)
+    tasks = iter(lambda: list(itertools.islice(iterator, chunk_size)), [])  # chunks until the input ends
+    tasks = ((chunk, scratch_dir) for chunk in tasks)
+    if isinstance(samples, list):
+        yield from pool.imap(_process_chunk, tasks)
+        return
+    while window_tasks := list(itertools.islice(tasks, window)):
+        yield from pool.imap(_process_chunk, window_tasks)
 
 
 def _summary_line(split, info):

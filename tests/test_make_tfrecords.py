@@ -224,20 +224,28 @@ def test_pairs_recover_official_train_ids_through_jpeg(shared_data, tmp_path):
     assert 0 < unmatched < 0.2 * mask.size
 
 
-def test_nearest_colour_mapping_equals_brute_force():
+@pytest.mark.parametrize("palette, max_distance", [
+    ("cityscapes", 40.0),                  # the pairs converter's default
+    ("three", 260.0),                      # a limit whose squared distances need more than 16 bits
+])
+def test_nearest_colour_mapping_equals_brute_force(palette, max_distance):
     from keras_seg.labels import cityscapes_color_table
     from pipelines.common import map_colors_nearest
 
-    colors, classes = cityscapes_color_table("trainid")
+    if palette == "cityscapes":
+        colors, classes = cityscapes_color_table("trainid")
+    else:
+        colors, classes = np.array([[0, 0, 0], [250, 10, 10], [10, 250, 250]], np.uint8), np.array([4, 255, 0])
     rng = np.random.default_rng(0)
     # colours near the palette (JPEG-like noise, some beyond the limit) and anywhere in the cube
     near = colors[rng.integers(0, len(colors), 3000)].astype(np.int32) + rng.integers(-30, 31, (3000, 3))
     rgb = np.concatenate([np.clip(near, 0, 255), rng.integers(0, 256, (1000, 3))]).astype(np.uint8).reshape(80, 50, 3)
-    mask, far = map_colors_nearest(rgb, colors, classes, 40.0)
+    mask, far = map_colors_nearest(rgb, colors, classes, max_distance)
     dist2 = ((rgb.reshape(-1, 1, 3).astype(np.int64) - colors.astype(np.int64)) ** 2).sum(-1)
-    expected = np.where(dist2.min(-1) <= 40.0**2, classes[dist2.argmin(-1)], 255).reshape(80, 50)  # ties: first
+    within = dist2.min(-1) <= max_distance**2
+    expected = np.where(within, classes[dist2.argmin(-1)], 255).reshape(80, 50)  # ties: the first colour
     np.testing.assert_array_equal(mask, expected)
-    assert far == int((dist2.min(-1) > 40.0**2).sum()) > 0
+    assert far == int((~within).sum()) > 0  # the "too far" path is exercised too
 
 
 def copy_pairs(shared_data, destination, count):
