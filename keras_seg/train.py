@@ -161,7 +161,7 @@ def resolve_config(args, demo_dir=None) -> dict:
 def model_stride(model_config) -> int:
     """The factor the input size must be divisible by."""
     if model_config.get("architecture") == "unet":
-        return 2 ** int(model_config.get("depth", 4))
+        return 2 ** int(model_config.get("depth", 4)) * int(model_config.get("stem_stride", 1))
     return 32
 
 

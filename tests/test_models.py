@@ -47,6 +47,25 @@ def test_unet_levels_and_filters():
     assert model.get_layer("down1_relu1") is not None
 
 
+def test_unet_stem_stride_runs_the_levels_at_half_size_and_upsamples_the_logits(policy):
+    model = build_unet(4, (32, 64, 3), depth=2, base_filters=4, stem_stride=2)
+    assert model.get_layer("stem_conv").output.shape == (None, 16, 32, 4)
+    assert model.get_layer("bottleneck_conv2").output.shape == (None, 4, 8, 16)
+    assert model.get_layer("logits").output.shape == (None, 16, 32, 4)
+    images = np.random.default_rng(0).random((1, 32, 64, 3), dtype=np.float32)
+    logits = model(images)
+    assert tuple(logits.shape) == (1, 32, 64, 4) and logits.dtype == "float32"
+    # bilinear 2x up-sampling of the half-size logits (Keras' half-pixel centres): an output pixel
+    # centred on a low-resolution pixel's quarter mixes it 3:1 with its neighbour
+    low = keras.Model(model.input, model.get_layer("logits").output)(images).numpy()
+    np.testing.assert_allclose(logits[0, 5, 9], 0.5625 * low[0, 2, 4] + 0.1875 * low[0, 2, 5]
+                               + 0.1875 * low[0, 3, 4] + 0.0625 * low[0, 3, 5], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not a positive multiple of 8"):
+        build_unet(4, (36, 64, 3), depth=2, base_filters=4, stem_stride=2)
+    with pytest.raises(ValueError, match="stem_stride must be 1, 2 or 4"):
+        build_unet(4, (32, 64, 3), depth=2, stem_stride=3)
+
+
 def test_unet_dynamic_size_and_mixed_precision_training_step(policy):
     model = build_unet(3, (None, None, 3), depth=2, base_filters=4)
     assert tuple(model(np.zeros((1, 24, 40, 3), np.float32)).shape) == (1, 24, 40, 3)

@@ -37,6 +37,10 @@ CANDIDATES = {
     "d4_f8_relu_128x256": (dict(depth=4, base_filters=8, activation="relu"), (128, 256)),
     "d5_f8_silu_128x256": (dict(depth=5, base_filters=8, activation="silu"), (128, 256)),
     "d5_f8_relu_128x256": (dict(depth=5, base_filters=8, activation="relu"), (128, 256)),
+    # d5_f8 without its full-resolution level: a stride-2 stem, 4 levels from 16 filters, logits up-sampled
+    "s2_d4_f16_relu_128x256": (dict(depth=4, base_filters=16, activation="relu", stem_stride=2), (128, 256)),
+    "s2_d4_f16_silu_128x256": (dict(depth=4, base_filters=16, activation="silu", stem_stride=2), (128, 256)),
+    "s2_d4_f24_relu_128x256": (dict(depth=4, base_filters=24, activation="relu", stem_stride=2), (128, 256)),
     "d4_f16_silu_256x256": (dict(depth=4, base_filters=16, activation="silu"), (256, 256)),
     # the unet_silu preset itself, for GPU figures: float32 vs mixed_float16 vs mixed_float16 + XLA
     #   python tools/bench_models.py --candidates unet_silu_256x512 --policies float32 mixed_float16

@@ -46,6 +46,7 @@ def build_unet(
     batch_norm: bool = True,
     dropout: float = 0.0,
     upsampling: str = "transpose",
+    stem_stride: int = 1,
     name: str = "unet",
 ) -> keras.Model:
     """Build a UNet that maps images [B, H, W, C] to float32 logits [B, H, W, num_classes].
@@ -63,6 +64,11 @@ def build_unet(
             paper puts it; 0 disables it.
         upsampling: str. `"transpose"`: a learned 2x2 transposed convolution (the paper's
             "up-convolution"); `"bilinear"`: bilinear 2x up-sampling followed by a 1x1 convolution.
+        stem_stride: int. 1: the paper's UNet, its first level at the input's resolution. 2 or 4:
+            a strided 3x3 convolution (`base_filters`, batch norm, activation) first brings the
+            input down, the UNet runs at that resolution, and its logits are up-sampled
+            bilinearly to the input size. The full-resolution level is the costliest to train
+            on a CPU (its activations are the largest), so this trades fine detail for speed.
         name: str. The model's name.
 
     Returns:
@@ -88,12 +94,21 @@ def build_unet(
         raise ValueError(f"unet: unknown upsampling {upsampling!r}; choose one of {', '.join(UPSAMPLING)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"unet: dropout must be in [0, 1), got {dropout}")
-    check_input_size(input_shape, 2**depth, "unet")
+    if stem_stride not in (1, 2, 4):
+        raise ValueError(f"unet: stem_stride must be 1, 2 or 4, got {stem_stride}")
+    check_input_size(input_shape, 2**depth * stem_stride, "unet")
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
 
-    # Contracting path: keep each level's features for the skip connection, then halve the size.
     x = inputs
+    if stem_stride > 1:
+        x = layers.Conv2D(base_filters, 3, strides=stem_stride, padding="same", use_bias=not batch_norm,
+                          kernel_initializer="he_normal", name="stem_conv")(x)
+        if batch_norm:
+            x = layers.BatchNormalization(name="stem_bn")(x)
+        x = layers.Activation(activation, name=f"stem_{activation}")(x)
+
+    # Contracting path: keep each level's features for the skip connection, then halve the size.
     skips = []
     for level in range(depth):
         x = conv_block(x, base_filters * 2**level, activation, batch_norm, name=f"down{level + 1}")
@@ -118,4 +133,6 @@ def build_unet(
 
     # float32 whatever the policy: keeps softmax/loss stable under mixed_float16, and exports float32.
     logits = layers.Conv2D(num_classes, 1, dtype="float32", name="logits")(x)
+    if stem_stride > 1:
+        logits = layers.UpSampling2D(stem_stride, interpolation="bilinear", dtype="float32", name="logits_up")(logits)
     return keras.Model(inputs, logits, name=name)
