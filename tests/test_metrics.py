@@ -167,6 +167,21 @@ def test_metric_sample_weight(case):
     assert float(metric.result()) == pytest.approx(pixel_acc)
 
 
+def test_metric_update_compiles_under_xla_and_matches_the_reference():
+    rng = np.random.default_rng(4)
+    labels = rng.choice([0, 1, 2, 3, IGNORE], size=(2, 16, 24)).astype(np.uint8)
+    predictions = rng.integers(0, 4, size=(2, 16, 24))
+    metric = MeanIoU(4)
+
+    @tf.function(jit_compile=True)
+    def update(y_true, y_pred):
+        metric.update_state(y_true, y_pred)
+
+    update(labels, logits_for(predictions, 4))
+    iou, _, _, _ = reference_scores(labels, predictions, 4)
+    np.testing.assert_allclose(float(metric.result()), nanmean(iou), rtol=1e-6)
+
+
 def test_metric_config_round_trip():
     metric = MeanIoU(7, ignore_index=0, name="miou")
     clone = MeanIoU.from_config(metric.get_config())
