@@ -229,10 +229,10 @@ def convert(
         source.prepare()  # tables every sample needs, built once here and shared by forked workers
     writers, split_infos = {}, {}
     pool = scratch_dir = None
-    if workers > 1:
-        scratch_dir = tempfile.mkdtemp(prefix=".chunks.", suffix=".partial", dir=output_dir)
-        pool = _start_pool(workers, source, options)
     try:
+        if workers > 1:
+            scratch_dir = tempfile.mkdtemp(prefix=".chunks.", suffix=".partial", dir=output_dir)
+            pool = _start_pool(workers, source, options)
         for split, samples in plan.items():
             writer = tfrecord.ShardedWriter(
                 output_dir, split, num_examples=len(samples), num_shards=num_shards, shard_bytes=shard_bytes
@@ -252,6 +252,7 @@ def convert(
         if pool is not None:
             pool.terminate()
             pool.join()
+        if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
 
     # Everything succeeded: give the shards their names, drop what they replace, then the info.

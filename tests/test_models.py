@@ -10,7 +10,7 @@ from keras_seg.models import PRESETS, build_fcn, build_model, build_unet, get_pr
 PRESET_PARAMS = {
     "unet_silu": 31_050_579,
     "unet_relu": 31_050_579,
-    "unet_small": 1_949_563,
+    "unet_small": 1_948_195,
     "fcn8s": 134_353_017,
     "fcn_resnet50": 33_327_033,
 }
@@ -144,7 +144,7 @@ def test_list_and_get_presets():
     entry = get_preset("unet_small")
     assert set(entry) >= {"description", "model", "input_size"}
     entry["model"]["depth"] = 1
-    assert PRESETS["unet_small"]["model"]["depth"] == 5  # a copy
+    assert PRESETS["unet_small"]["model"]["depth"] == 4  # a copy
     with pytest.raises(ValueError, match="unknown preset 'unet_big'; known presets: unet_silu, unet_relu"):
         get_preset("unet_big")
 

@@ -72,8 +72,9 @@ def build_unet(
         name: str. The model's name.
 
     Returns:
-        A functional `keras.Model`. Its last layer, `logits`, computes in float32 whatever the
-        dtype policy, so mixed-precision training and exported outputs get float32 logits.
+        A functional `keras.Model`. Its `logits` layer (and `logits_up` after it, with a stem)
+        computes in float32 whatever the dtype policy, so mixed-precision training and exported
+        outputs get float32 logits.
 
     Example:
 
