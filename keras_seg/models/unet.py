@@ -24,16 +24,21 @@ def check_input_size(input_shape, stride: int, architecture: str):
             )
 
 
+def conv_bn_activation(x, filters: int, activation: str, batch_norm: bool, name: str, index="", strides: int = 1):
+    """A 3x3 convolution, batch norm (optional) and the activation: layers `{name}_conv{index}`,
+    `{name}_bn{index}`, `{name}_{activation}{index}`."""
+    # The batch norm's offset makes the convolution's bias redundant.
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=not batch_norm,
+                      kernel_initializer="he_normal", name=f"{name}_conv{index}")(x)
+    if batch_norm:
+        x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+    return layers.Activation(activation, name=f"{name}_{activation}{index}")(x)
+
+
 def conv_block(x, filters: int, activation: str, batch_norm: bool, name: str):
     """Two 3x3 convolutions, each followed by batch norm (optional) and the activation."""
     for i in (1, 2):
-        # The batch norm's offset makes the convolution's bias redundant.
-        x = layers.Conv2D(
-            filters, 3, padding="same", use_bias=not batch_norm, kernel_initializer="he_normal", name=f"{name}_conv{i}"
-        )(x)
-        if batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
-        x = layers.Activation(activation, name=f"{name}_{activation}{i}")(x)
+        x = conv_bn_activation(x, filters, activation, batch_norm, name, index=i)
     return x
 
 
@@ -103,11 +108,7 @@ def build_unet(
 
     x = inputs
     if stem_stride > 1:
-        x = layers.Conv2D(base_filters, 3, strides=stem_stride, padding="same", use_bias=not batch_norm,
-                          kernel_initializer="he_normal", name="stem_conv")(x)
-        if batch_norm:
-            x = layers.BatchNormalization(name="stem_bn")(x)
-        x = layers.Activation(activation, name=f"stem_{activation}")(x)
+        x = conv_bn_activation(x, base_filters, activation, batch_norm, "stem", strides=stem_stride)
 
     # Contracting path: keep each level's features for the skip connection, then halve the size.
     skips = []
