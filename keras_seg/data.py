@@ -183,6 +183,83 @@ def _check_first_record(paths):
     raise tfrecord.DatasetFormatError(f"the shards {[os.path.basename(p) for p in paths]} hold no records")
 
 
+class _PipelineRecords:
+    """The serialized records one input pipeline reads in one pass over the split.
+
+    Shards are divided among the pipelines when there are at least as many shards as pipelines;
+    otherwise every pipeline reads the shards in one common order and keeps every n-th record, so
+    that the pipelines' records are disjoint and together complete in every pass.
+    """
+
+    def __init__(self, paths, pipeline_id, num_pipelines, num_parallel_calls):
+        self.paths = paths
+        self.pipeline_id, self.num_pipelines = pipeline_id, num_pipelines
+        self.shard_records = num_pipelines > 1 and len(paths) < num_pipelines
+        self.num_parallel_calls = num_parallel_calls
+
+    def one_pass(self, epoch_seed=None):
+        """One pass; `epoch_seed` (int or int64 tensor) shuffles the shard order, None keeps it sorted."""
+        files = tf.data.Dataset.from_tensor_slices(self.paths)
+        if self.num_pipelines > 1 and not self.shard_records:
+            files = files.shard(self.num_pipelines, self.pipeline_id)
+        if epoch_seed is not None:
+            # With record sharding every pipeline must read the same order: the seed has no
+            # pipeline term there (see `_training_stream`).
+            files = files.shuffle(len(self.paths), seed=epoch_seed)
+        ds = files.interleave(
+            lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES),
+            cycle_length=min(len(self.paths), 16), block_length=1,
+            num_parallel_calls=self.num_parallel_calls, deterministic=True,
+        )
+        if self.shard_records:
+            ds = ds.shard(self.num_pipelines, self.pipeline_id)
+        return ds
+
+
+def _pass_seed(base, epoch):
+    """The seed of pass `epoch`'s shuffles, for use inside the pass's dataset function."""
+    # The pass's seeds are the only source of its randomness: the global seed, which TensorFlow
+    # would mix in (and which, when it is 0, makes tf.data test a tensor seed as a Python bool),
+    # is cleared in the function graph being traced.
+    tf.compat.v1.get_default_graph().seed = None
+    return tf.cast(base, tf.int64) + tf.cast(epoch, tf.int64) * 1_000_003
+
+
+def _training_stream(records, decode_and_size, cache_file, common_seed, seed, shuffle_buffer, start_example,
+                     num_parallel_calls):
+    """An endless stream of decoded, sized training examples, a fixed function of `seed`.
+
+    Pass e over the data is shuffled with seeds made from (seed, e), so the stream can be started
+    at any position: the passes before it are skipped without being read, and the records of the
+    pass it falls in are skipped before decoding (or, with a cache, after it). This is what makes
+    a resumed run exact: `tf.distribute`'s distributed iterators cannot be saved in a checkpoint.
+    """
+    # `seed` is this pipeline's own; the shard order is common to the pipelines when they share records.
+    file_seed = common_seed if records.shard_records else seed
+    if cache_file is None:
+        def one_pass(epoch):
+            shuffled = records.one_pass(_pass_seed(file_seed, epoch))
+            return shuffled.shuffle(shuffle_buffer, seed=_pass_seed(seed + 1, epoch))
+    else:
+        # The cache holds the decoded examples in the shards' sorted order; each pass shuffles them.
+        cached = records.one_pass().map(decode_and_size, num_parallel_calls=num_parallel_calls,
+                                        deterministic=True).cache(cache_file)
+
+        def one_pass(epoch):
+            return cached.shuffle(shuffle_buffer, seed=_pass_seed(seed + 1, epoch))
+
+    first_pass, offset = 0, 0
+    if start_example:
+        per_pass = int(records.one_pass().reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+        if per_pass == 0:
+            raise tfrecord.DatasetFormatError("an input pipeline has no records to read")
+        first_pass, offset = divmod(int(start_example), per_pass)
+    ds = tf.data.Dataset.range(first_pass, 2**62).flat_map(one_pass).skip(offset)
+    if cache_file is None:
+        ds = ds.map(decode_and_size, num_parallel_calls=num_parallel_calls, deterministic=True)
+    return ds
+
+
 def build_dataset(
     data_dir,
     split,
@@ -197,6 +274,7 @@ def build_dataset(
     repeat=False,
     drop_remainder=None,
     input_context=None,
+    start_example=0,
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=None,
     prefetch=tf.data.AUTOTUNE,
@@ -227,6 +305,12 @@ def build_dataset(
         input_context: `tf.distribute.InputContext`, as passed by
             `strategy.distribute_datasets_from_function`: the pipeline reads its share of the
             shards (or records) and batches per replica. See `distribute_dataset`.
+        start_example: with training and repeat: the position in this pipeline's stream of examples
+            to start at. The training stream is a fixed function of `shuffle_seed` (each pass over
+            the data is shuffled by a seed made from the pass number), so starting at position k
+            gives exactly the examples, crops and order that the stream begun at 0 gives after k
+            examples: a resumed run continues the stream it interrupted. Whole passes before k are
+            not read; the rest of the pass k falls in is read, but not decoded (unless cached).
         num_parallel_calls: parallelism of interleave and decoding.
         deterministic: keep element order fixed given the seed; default True when `shuffle_seed`
             is set or not training, else False (a little faster).
@@ -273,22 +357,12 @@ def build_dataset(
         per_replica_batch = input_context.get_per_replica_batch_size(batch_size)
         pipeline_id, num_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
     seed = shuffle_seed + 7919 * pipeline_id  # pipelines shuffle and crop differently
-
-    files = tf.data.Dataset.from_tensor_slices(paths)
-    shard_records = num_pipelines > 1 and len(paths) < num_pipelines
-    if num_pipelines > 1 and not shard_records:
-        files = files.shard(num_pipelines, pipeline_id)
-    if training:
-        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = files.interleave(
-        lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES),
-        cycle_length=min(len(paths), 16),
-        block_length=1,
-        num_parallel_calls=num_parallel_calls,
-        deterministic=deterministic,
-    )
-    if shard_records:  # fewer shards than pipelines: each takes every n-th record
-        ds = ds.shard(num_pipelines, pipeline_id)
+    cache_file = None
+    if cache is not None:
+        cache_file = "" if cache == "memory" else _cache_path(cache, split, image_size, resize_mode, training,
+                                                              pipeline_id, num_pipelines)
+    if start_example and not (training and repeat):
+        raise ValueError("start_example needs training=True and repeat=True (a resumable training stream)")
 
     def decode_and_size(serialized):
         image, mask = decode_record(serialized)
@@ -302,18 +376,23 @@ def build_dataset(
             return _pad_to_at_least(image, mask, image_size, ignore_index)
         return crop_or_pad_example(image, mask, image_size, ignore_index)
 
-    # Without a cache, shuffle the small serialized records; with one, the decoded examples
-    # (the cache is filled in one order, so shuffling must come after it).
-    if training and cache is None:
-        ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-    ds = ds.map(decode_and_size, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-    if cache is not None:
-        ds = ds.cache("" if cache == "memory" else _cache_path(cache, split, image_size, resize_mode, training,
-                                                                pipeline_id, num_pipelines))
-        if training:
+    records = _PipelineRecords(paths, pipeline_id, num_pipelines, num_parallel_calls)
+    if training and repeat:
+        ds = _training_stream(records, decode_and_size, cache_file, shuffle_seed, seed, shuffle_buffer,
+                              start_example, num_parallel_calls)
+    else:
+        ds = records.one_pass(epoch_seed=seed if training else None)
+        # Without a cache, shuffle the small serialized records; with one, the decoded examples
+        # (the cache is filled in one order, so shuffling must come after it).
+        if training and cache is None:
             ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+        ds = ds.map(decode_and_size, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+        if cache is not None:
+            ds = ds.cache(cache_file)
+            if training:
+                ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
 
     def to_float(image, mask):
         return tf.cast(image, tf.float32) / 255.0, mask
@@ -325,7 +404,8 @@ def build_dataset(
             crop_seed = tf.stack([tf.constant(seed + 2, tf.int64), index])
             return to_float(*crop_or_pad_example(*example, image_size, ignore_index, seed=crop_seed))
 
-        ds = ds.enumerate().map(random_crop, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+        ds = ds.enumerate(start=start_example).map(random_crop, num_parallel_calls=num_parallel_calls,
+                                                   deterministic=deterministic)
     else:
         ds = ds.map(to_float, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
     if image_size is None and per_replica_batch > 1:

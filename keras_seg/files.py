@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
+
+import numpy as np
 
 
 def publish(temp_path: str, final_path: str):
@@ -25,9 +28,25 @@ def temp_path_beside(path: str, suffix: str = ".partial") -> str:
     return tmp
 
 
+def jsonable(value):
+    """`value` with numpy arrays and scalars as Python values and NaN / inf as None, so that the
+    JSON is valid (Python's json writes NaN, which jq and browsers reject)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def to_json(value) -> str:
-    """Indented JSON, with lists of numbers (colours, counts) kept on one line."""
-    text = json.dumps(value, indent=2)
+    """Indented, valid JSON (NaN as null), with lists of numbers (colours, counts) kept on one line."""
+    text = json.dumps(jsonable(value), indent=2, allow_nan=False)
     return re.sub(r"\[\s*([-\d.,\s]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m[1]) + "]", text) + "\n"
 
 

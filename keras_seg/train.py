@@ -15,49 +15,18 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 
+from keras_seg.config import ConfigError, TrainConfig, set_length, validate
+from keras_seg.config import OPTIMIZERS, PRECISIONS, RESIZE_MODES, SCHEDULES, STRATEGIES  # noqa: F401 (CLI choices)
 from keras_seg.models.presets import get_preset, list_presets
 
-SCHEDULES = ("constant", "cosine", "poly", "plateau")
-OPTIMIZERS = ("adamw", "adam")
-RESIZE_MODES = ("resize", "crop", "fit")
-
-# Training defaults shared by every preset; a preset's "train" entry overrides them, and its "demo"
-# entry overrides both when no --data is given.
-TRAINING_DEFAULTS = {
-    "epochs": 100,
-    "batch_size": 8,
-    "val_batch_size": 8,
-    "resize_mode": "resize",
-    "optimizer": "adamw",
-    "learning_rate": 1e-3,
-    "weight_decay": 1e-4,
-    "schedule": "cosine",
-    "warmup_epochs": 1.0,
-    "plateau_patience": 3,
-    "plateau_factor": 0.5,
-    "clipnorm": 1.0,
-    "loss": "ce",
-    "class_weights": "none",
-    "augment": {},
-    "precision": "auto",
-    "jit": False,
-    "strategy": "auto",
-    "seed": 0,
-    "patience": 15,
-    "max_steps": 0,
-    "time_limit": 0,
-    "steps_per_epoch": 0,
-    "steps_per_call": 10,
-    "cache": None,
-    "encoder_weights": None,
-}
-
-
-class ConfigError(ValueError):
-    """A bad command-line value, reported as one line before anything heavy starts."""
+# Settings a resumed run may change: they decide how long it runs and what it reports, not what
+# it computes on the way. Every other setting is refused with --resume (the run continues as recorded).
+RESUMABLE = ("iters", "epochs", "time_budget", "val_every", "checkpoint_every", "steps_per_call")
+LENGTH_KEYS = ("iters", "epochs", "time_budget")
 
 
 def _image_size(text):
@@ -92,114 +61,119 @@ def build_parser():
     parser.add_argument("--init-from", metavar="RUN", help="start from another run's best weights (fine-tuning)")
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     parser.add_argument("--no-export", action="store_true", help="do not export a SavedModel at the end")
+    length = parser.add_argument_group("length and cadence (one of --iters, --epochs, --time-budget)")
+    length.add_argument("--iters", type=int, metavar="N", help="optimizer steps in all")
+    length.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
+    length.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="size the run so that it ends, export included, this many minutes after the "
+                             "process started; the schedule ends with it")
+    length.add_argument("--steps-per-epoch", type=int, help="0: one pass over the training split")
+    length.add_argument("--val-every", type=int, metavar="STEPS",
+                        help="validate every this many steps (default: every epoch with --epochs, else 10 times a run)")
+    length.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="default: with every validation")
+    length.add_argument("--steps-per-call", type=int, help="steps run by one call of the compiled loop")
+    length.add_argument("--time-limit", type=float, help=argparse.SUPPRESS)  # retired: a clear error
+    length.add_argument("--max-steps", type=int, help=argparse.SUPPRESS)  # retired: a clear error
     o = parser.add_argument_group("overrides (default: the preset's value)")
-    o.add_argument("--epochs", type=int)
     o.add_argument("--batch-size", type=int, help="per replica; the global batch is this x replicas")
     o.add_argument("--val-batch-size", type=int)
+    o.add_argument("--accumulate", type=int, metavar="N", help="gradients of N batches make one optimizer step")
+    o.add_argument("--scale-lr-to-batch", type=int, metavar="B",
+                   help="the learning rate is meant for a global batch of B: scale it to the actual one "
+                        "(batch x replicas x accumulate), as MMSegmentation's auto_scale_lr")
     o.add_argument("--image-size", type=_image_size, metavar="HxW", help="training input size")
     o.add_argument("--resize-mode", choices=RESIZE_MODES, help="how the reader brings examples to --image-size")
     o.add_argument("--optimizer", choices=OPTIMIZERS)
     o.add_argument("--learning-rate", "--lr", type=float)
-    o.add_argument("--weight-decay", type=float)
-    o.add_argument("--schedule", choices=SCHEDULES)
-    o.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine schedule")
-    o.add_argument("--plateau-patience", type=int, help="epochs without improvement before the plateau schedule "
-                                                         "cuts the learning rate")
+    o.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (SGD)")
+    o.add_argument("--weight-decay", type=float, help="decoupled; not applied to biases and normalisation parameters")
+    o.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning-rate shape after the warm-up; plateau: constant, cut on plateaus")
+    o.add_argument("--warmup-iters", type=int, help="linear warm-up steps (takes precedence over --warmup-epochs)")
+    o.add_argument("--warmup-epochs", type=float, help="linear warm-up, in epochs")
+    o.add_argument("--final-lr-ratio", type=float,
+                   help="the rate at the end of the decay over the base rate (default: cosine and poly 0.01, linear 0)")
+    o.add_argument("--poly-power", type=float, help="exponent of the poly schedule (default 0.9)")
+    o.add_argument("--plateau-patience", type=int, help="validations without improvement before the plateau "
+                                                         "schedule cuts the learning rate")
     o.add_argument("--plateau-factor", type=float)
     o.add_argument("--clipnorm", type=float, help="global gradient-norm clipping (0: off)")
     o.add_argument("--loss", help="ce, dice, focal, or a weighted sum such as ce+dice or ce+0.5*dice")
     o.add_argument("--class-weights", help="none, inverse, median, enet (from the training pixel counts), "
                                            "or a comma-separated list of per-class weights")
     o.add_argument("--augment", type=_key_value, action="append", metavar="KEY=VALUE",
-                   help="augmentation setting (see the README), repeatable, e.g. --augment occlusion_prob=0.5")
-    o.add_argument("--no-augment", action="store_true", help="turn every augmentation off")
+                   help="augmentation setting (docs/data.md), repeatable, e.g. --augment occlusion_prob=0.5")
+    o.add_argument("--no-augment", action="store_true", default=None, help="turn every augmentation off")
     o.add_argument("--model-arg", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="model builder argument, repeatable, e.g. --model-arg base_filters=32")
-    o.add_argument("--precision", choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"))
+    o.add_argument("--precision", choices=PRECISIONS)
     o.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None, help="XLA-compile the step")
-    o.add_argument("--strategy", choices=("auto", "one", "mirrored", "multiworker", "tpu"))
+    o.add_argument("--strategy", choices=STRATEGIES)
     o.add_argument("--seed", type=int)
-    o.add_argument("--patience", type=int, help="early stopping: epochs without val mIoU improvement (0: off)")
-    o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (0: no limit)")
-    o.add_argument("--steps-per-epoch", type=int, help="0: one pass over the training split")
-    o.add_argument("--time-limit", type=float, metavar="MINUTES",
-                   help="do not start an epoch that would end after this many minutes of training (0: none)")
+    o.add_argument("--patience", type=int, help="early stopping: validations without val mIoU improvement (0: off)")
     o.add_argument("--cache", help="'memory' or a file prefix: cache decoded examples")
     o.add_argument("--encoder-weights", help="local weights file for the FCN encoders (nothing is downloaded)")
     return parser
 
 
-def resolve_config(args, demo_dir=None) -> dict:
-    """Preset defaults (+ demo settings without --data) + command-line overrides, validated."""
+# Flags that are not TrainConfig fields of the same name.
+_NOT_SETTINGS = {"preset", "data", "output", "resume", "overwrite", "init_from", "no_progress", "no_export",
+                 "augment", "no_augment", "model_arg", "time_limit", "max_steps"}
+
+
+def given_settings(args) -> dict:
+    """The TrainConfig settings given on the command line (None: not given)."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
+
+
+def _apply(config: TrainConfig, values: dict):
+    values = dict(values)
+    set_length(config, **{k: values.pop(k) for k in LENGTH_KEYS if k in values})
+    model = values.pop("model", None)
+    if model:
+        config.model.update(model)
+    for key, value in values.items():
+        if key not in TrainConfig.field_names():
+            raise ConfigError(f"unknown setting {key!r}")
+        setattr(config, key, value)
+
+
+def resolve_config(args, demo_dir=None) -> TrainConfig:
+    """Defaults < the preset's "train" < its "demo" (without --data) < the command line; validated."""
+    for retired in ("time_limit", "max_steps"):
+        if getattr(args, retired, None) is not None:
+            raise ConfigError(RETIRED_FLAGS[retired])
     preset = get_preset(args.preset)
-    config = copy.deepcopy(TRAINING_DEFAULTS)
-    config.update(copy.deepcopy(preset.get("train", {})))
-    config["model"] = copy.deepcopy(preset["model"])
-    config["image_size"] = list(preset["input_size"])
+    config = TrainConfig(preset=args.preset, model=copy.deepcopy(preset["model"]),
+                         image_size=list(preset["input_size"]))
+    _apply(config, copy.deepcopy(preset.get("train", {})))
     if args.data is None:
-        demo = copy.deepcopy(preset.get("demo", {}))
-        config["model"].update(demo.pop("model", {}))
-        config.update(demo)
-    for key in TRAINING_DEFAULTS.keys() | {"image_size"}:
-        value = getattr(args, key, None)
-        if value is not None and key != "augment":
-            config[key] = value
+        _apply(config, copy.deepcopy(preset.get("demo", {})))
+    given = given_settings(args)
+    set_length(config, **{k: given.pop(k) for k in LENGTH_KEYS if k in given})
+    for key, value in given.items():
+        setattr(config, key, value)
     for key, value in args.model_arg or []:
-        config["model"][key] = value
+        config.model[key] = value
     if args.no_augment:
         from keras_seg.augment import AugmentConfig
 
-        config["augment"] = AugmentConfig.disabled().to_dict()
+        config.augment = AugmentConfig.disabled().to_dict()
     for key, value in args.augment or []:
-        config["augment"][key] = value
-    config.update(preset=args.preset, data=args.data or demo_dir, resume=args.resume, init_from=args.init_from,
-                  progress=not args.no_progress, export=not args.no_export, demo=args.data is None)
-    validate_config(config)
-    return config
+        config.augment[key] = value
+    config.data = args.data or demo_dir
+    config.demo = args.data is None
+    config.resume, config.init_from = args.resume, args.init_from
+    config.progress, config.export = not args.no_progress, not args.no_export
+    return validate(config)
 
 
-def model_stride(model_config) -> int:
-    """The factor the input size must be divisible by."""
-    if model_config.get("architecture") == "unet":
-        return 2 ** int(model_config.get("depth", 4)) * int(model_config.get("stem_stride", 1))
-    return 32
-
-
-def validate_config(config):
-    """One-line errors for values that would otherwise fail deep inside TensorFlow."""
-    from keras_seg.augment import AugmentConfig
-
-    height, width = config["image_size"]
-    stride = model_stride(config["model"])
-    if height < 1 or width < 1 or height % stride or width % stride:
-        raise ConfigError(f"--image-size {height}x{width}: both sides must be positive multiples of {stride}, "
-                          f"the stride of this {config['model'].get('architecture')} model")
-    for key in ("epochs", "batch_size", "val_batch_size", "steps_per_call"):
-        if int(config[key]) < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    for key in ("max_steps", "steps_per_epoch", "patience", "time_limit"):
-        if int(config[key]) < 0:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
-    if not config["learning_rate"] > 0:
-        raise ConfigError(f"--learning-rate must be > 0, got {config['learning_rate']}")
-    try:
-        augment = AugmentConfig.from_dict(config["augment"])
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"--augment: {err}") from err
-    config["augment"] = augment.to_dict()  # every setting spelled out in the recorded config
-    from keras_seg import losses
-
-    try:
-        losses.parse_loss_spec(config["loss"])
-    except ValueError as err:
-        raise ConfigError(f"--loss: {err}") from err
-    weights = config["class_weights"]
-    if isinstance(weights, str) and weights not in ("none", "inverse", "median", "enet"):
-        try:
-            config["class_weights"] = [float(v) for v in weights.split(",")]
-        except ValueError as err:
-            raise ConfigError(f"--class-weights: expected none, inverse, median, enet or numbers, got "
-                              f"{weights!r}") from err
+RETIRED_FLAGS = {
+    "time_limit": "--time-limit was replaced by --time-budget MINUTES, which sizes the whole run (schedule "
+                  "included) to end in time",
+    "max_steps": "--max-steps was replaced by --iters N",
+}
 
 
 def default_output(preset: str) -> str:
@@ -240,15 +214,15 @@ def check_data(config):
     from keras_seg import tfrecord
 
     try:
-        info = tfrecord.load_dataset_info(config["data"])
+        info = tfrecord.load_dataset_info(config.data)
     except tfrecord.DatasetFormatError as err:
         raise ConfigError(f"--data: {err}") from err
     for split in ("train", "val"):
         if split not in info["splits"]:
-            raise ConfigError(f"--data {config['data']}: no '{split}' split (it has {sorted(info['splits'])}); "
+            raise ConfigError(f"--data {config.data}: no '{split}' split (it has {sorted(info['splits'])}); "
                               "convert one, e.g. with --val-fraction")
-    if isinstance(config["class_weights"], list) and len(config["class_weights"]) != info["num_classes"]:
-        raise ConfigError(f"--class-weights: {len(config['class_weights'])} weights for {info['num_classes']} classes")
+    if isinstance(config.class_weights, list) and len(config.class_weights) != info["num_classes"]:
+        raise ConfigError(f"--class-weights: {len(config.class_weights)} weights for {info['num_classes']} classes")
 
 
 def main(argv=None) -> int:
@@ -257,56 +231,86 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        config = resolve_config(args)
         if args.resume and args.overwrite:
             raise ConfigError("--resume continues a run, --overwrite starts it afresh: choose one")
-        if args.resume or args.overwrite:
-            if not args.output:
-                raise ConfigError("--resume and --overwrite need --output RUN_DIR")
+        if (args.resume or args.overwrite) and not args.output:
+            raise ConfigError("--resume and --overwrite need --output RUN_DIR")
         output = args.output or default_output(args.preset)
-        if args.resume and not os.path.isdir(os.path.join(output, "checkpoints")):
-            raise ConfigError(f"--resume: {output} holds no checkpoints to continue from")
-        if not args.resume and os.path.isdir(output) and os.listdir(output):
-            if not args.overwrite:
-                raise ConfigError(f"--output {output} exists and is not empty: --resume to continue it, "
-                                  "--overwrite to start afresh, or choose another")
-            import shutil
-
-            shutil.rmtree(output)
-        config["output"] = output
         if args.resume:
-            config = _resumed_config(output, args.epochs, config["progress"])
-        if config["data"] is None:
+            config = resumed_config(output, args, argv)
+        else:
+            config = resolve_config(args)
+            if os.path.isdir(output) and os.listdir(output):
+                if not args.overwrite:
+                    raise ConfigError(f"--output {output} exists and is not empty: --resume to continue it, "
+                                      "--overwrite to start afresh, or choose another")
+                import shutil
+
+                shutil.rmtree(output)
+            config.output = output
+            config.provenance = provenance(argv)
+        if config.data is None:
             from keras_seg.demo import default_cache_dir, write_demo_dataset
 
-            config["data"] = write_demo_dataset(default_cache_dir())
+            config.data = write_demo_dataset(default_cache_dir())
         check_data(config)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
-    config["provenance"] = provenance(argv)
 
     from keras_seg.trainer import Trainer
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a preempted job checkpoints as on Ctrl-C
     try:
         summary = Trainer(config).run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: continue with --resume --output {config['output']}", file=sys.stderr)
+        print(f"\ninterrupted: checkpoint saved; continue with --resume --output {config.output}", file=sys.stderr)
         return 130
     if summary:
-        print(f"best val mIoU {summary.get('miou', float('nan')):.4f} (epoch {summary.get('epoch')}); "
-              f"run directory {config['output']}")
+        print(f"best val mIoU {summary.get('miou', float('nan')):.4f} (step {summary.get('step')}); "
+              f"run directory {config.output}")
     return 0
 
 
-def _resumed_config(output, epochs, progress):
-    """A resumed run keeps its recorded configuration; only the epoch budget (--epochs) may change."""
-    with open(os.path.join(output, "config.json")) as f:
-        recorded = json.load(f)
-    recorded.pop("resolved", None)
-    recorded.update(resume=True, progress=progress, output=output)
-    if epochs is not None:
-        recorded["epochs"] = epochs
-    return recorded
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def resumed_config(output, args, argv) -> TrainConfig:
+    """The recorded configuration of the run in `output`, with what a resume may change.
+
+    A resumed run continues as recorded: a flag that would change what it computes is refused.
+    --iters / --epochs / --time-budget set a new length (the schedule is re-fitted from the step
+    reached), and --val-every, --checkpoint-every, --steps-per-call, --no-progress, --no-export apply.
+    """
+    path = os.path.join(output, "config.json")
+    if not os.path.isdir(os.path.join(output, "checkpoints")) or not os.path.exists(path):
+        raise ConfigError(f"--resume: {output} holds no checkpoints to continue from")
+    refused = sorted(set(given_settings(args)) - set(RESUMABLE))
+    refused += [flag for flag in ("data", "init_from", "augment", "no_augment", "model_arg")
+                if getattr(args, flag, None)]
+    if args.preset != build_parser().get_default("preset") and "--preset" in argv:
+        refused.append("preset")
+    if refused:
+        flag = "--" + refused[0].replace("_", "-")
+        raise ConfigError(f"--resume continues {output} as recorded: {flag} cannot change there (allowed: "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}, --no-progress, --no-export); "
+                          "start a new run with --init-from to change it")
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--resume: {path}: {err}") from err
+    config = TrainConfig.from_dict(recorded, source=path)
+    given = given_settings(args)
+    set_length(config, **{k: given.pop(k) for k in LENGTH_KEYS if k in given})
+    for key, value in given.items():
+        setattr(config, key, value)
+    config.resume, config.output = True, output
+    config.progress = not args.no_progress
+    config.export = config.export and not args.no_export
+    resumes = config.provenance.setdefault("resumes", [])
+    resumes.append({k: v for k, v in provenance(argv).items() if k in ("command", "started", "host")})
+    return validate(config)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,19 @@ the default, Mirrored, MultiWorkerMirrored and TPU strategies alike. One loop fo
 simpler to trust than `fit` for some and a loop for others, and it lets augmentation run inside
 the compiled step, on the accelerator.
 
-State that survives an interruption (`--resume`) lives in a `tf.train.CheckpointManager`
-checkpoint written after every epoch: model, optimizer (with its step counter, which also seeds
-augmentation), the epoch, the best validation mIoU so far and the early-stopping counter. The best
-model is also saved as `best.keras`, written to a temporary file and renamed, so it is never a
-half-written file.
+The run is counted in steps (one optimizer update: `accumulate` batches). Its length is given as
+steps, epochs, or a time budget (`keras_seg.budget`), and the learning-rate schedule
+(`keras_seg.schedules`) ends with it. The checkpoint holds everything that decides what comes
+next: model, optimizer, the step counter (which also seeds augmentation and positions the input
+stream, `data.build_dataset(start_example=...)`), the schedule's variables, the best metric, the
+early-stopping and plateau counters and the time already spent. So a run resumed from the
+checkpoint of step k trains on the same batches, with the same augmentation, as the run that
+was interrupted would have.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,102 +29,87 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_seg import augment, data, distribute, losses, metrics, tfrecord, visualize
-from keras_seg.files import publish, temp_path_beside, write_json_atomically, write_text_atomically
+from keras_seg import augment, data, distribute, losses, metrics, schedules, tfrecord, visualize
+from keras_seg.budget import TimeBudget, process_start_time
+from keras_seg.config import TrainConfig
+from keras_seg.files import write_json_atomically
 from keras_seg.models import presets
+from keras_seg.run_dir import History, RunDir, save_model_atomically, weights_fingerprint, write_best
 
-LOG_COLUMNS = ("epoch", "loss", "train_miou", "val_miou", "val_pixel_accuracy", "val_mean_dice", "learning_rate",
-               "seconds")
-
-
-class RunDir:
-    """Paths of a run directory (see the README's "A run directory")."""
-
-    def __init__(self, root):
-        self.root = root
-        self.config = os.path.join(root, "config.json")
-        self.dataset_info = os.path.join(root, "dataset_info.json")
-        self.history = os.path.join(root, "history.csv")
-        self.logs = os.path.join(root, "logs")
-        self.checkpoints = os.path.join(root, "checkpoints")
-        self.best_model = os.path.join(root, "best.keras")
-        self.last_model = os.path.join(root, "last.keras")
-        self.best_table = os.path.join(root, "best_per_class_iou.txt")
-        self.best_metrics = os.path.join(root, "best_metrics.json")
-        self.samples = os.path.join(root, "samples.png")
-        self.saved_model = os.path.join(root, "saved_model")
+# Validations in a run sized by --iters or --time-budget when --val-every is not given.
+DEFAULT_VALIDATIONS = 10
+# The schedule's end before a time-budget run has planned its length (the decay has not begun).
+UNPLANNED = 2**40
 
 
-def save_model_atomically(model, path):
-    """`model.save` to a temporary file beside `path`, then rename: `path` is never half-written."""
-    tmp = temp_path_beside(path, suffix=".keras")  # Keras wants the .keras suffix
-    try:
-        model.save(tmp)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def build_optimizer(config, steps_per_epoch):
-    """AdamW / Adam with the configured schedule (the plateau schedule is applied by the trainer) and clipping."""
-    lr = config["learning_rate"]
-    total = max(1, config["epochs"] * steps_per_epoch)
-    warmup = int(config["warmup_epochs"] * steps_per_epoch)
-    schedule = config["schedule"]
-    if schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=lr if warmup == 0 else lr * 0.01, decay_steps=max(1, total - warmup),
-            alpha=0.01, warmup_target=lr if warmup else None, warmup_steps=warmup,
-        )
-    elif schedule == "poly":
-        lr = keras.optimizers.schedules.PolynomialDecay(lr, decay_steps=total, end_learning_rate=lr * 0.01,
-                                                        power=0.9)
-    clip = {"global_clipnorm": config["clipnorm"]} if config["clipnorm"] else {}
-    if config["optimizer"] == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=config["weight_decay"], **clip)
+def build_optimizer(config: TrainConfig, learning_rate, variables):
+    """SGD (momentum, Nesterov), Adam or AdamW with global-norm clipping. Weight decay (decoupled,
+    as Keras applies it: w -= lr * wd * w) skips biases and normalisation parameters, i.e. every
+    variable of rank <= 1, as MMSegmentation's `bias_decay_mult=0, norm_decay_mult=0` does."""
+    common = {"learning_rate": learning_rate}
+    if config.clipnorm:
+        common["global_clipnorm"] = config.clipnorm
+    if config.weight_decay:
+        common["weight_decay"] = config.weight_decay
+    if config.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(momentum=config.momentum, nesterov=config.nesterov, **common)
+    elif config.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(**common)
     else:
-        optimizer = keras.optimizers.Adam(learning_rate=lr, **clip)
+        optimizer = keras.optimizers.AdamW(**common)
+    if config.weight_decay:
+        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
     return optimizer
 
 
-def current_learning_rate(optimizer):
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    lr = inner.learning_rate
-    return float(lr(inner.iterations) if callable(lr) else lr.numpy() if hasattr(lr, "numpy") else lr)
-
-
 class Trainer:
-    """Trains one run; `run()` returns the best validation metrics."""
+    """Trains one run; `run()` returns the best validation metrics.
 
-    def __init__(self, config, *, log=print):
+    Args:
+        config: a validated `TrainConfig` (with `output` and `data` set).
+        log: where progress lines go.
+        started_at: the wall-clock time the run's time budget counts from (default: process start).
+    """
+
+    def __init__(self, config: TrainConfig, *, log=print, started_at=None):
         self.config = config
         self.log = log
-        self.strategy = distribute.choose_strategy(config["strategy"])
+        self.started_at = process_start_time() if started_at is None else started_at
+        self.strategy = distribute.choose_strategy(config.strategy)
         on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        self.precision = distribute.choose_precision(config["precision"], on_gpu)
+        self.precision = distribute.choose_precision(config.precision, on_gpu)
         keras.mixed_precision.set_dtype_policy(self.precision)
         self.chief = distribute.is_chief(self.strategy)
         # Non-chief workers write what they must (checkpoints are collective) to scratch space.
-        self.run_dir = RunDir(config["output"] if self.chief else tempfile.mkdtemp(prefix="keras_seg_worker_"))
-        self.info = tfrecord.load_dataset_info(config["data"])
+        self.run_dir = RunDir(config.output if self.chief else tempfile.mkdtemp(prefix="keras_seg_worker_"))
+        self.info = tfrecord.load_dataset_info(config.data)
         self.num_classes = int(self.info["num_classes"])
         self.class_names = list(self.info["class_names"])
         self.replicas = self.strategy.num_replicas_in_sync
-        self.global_batch = config["batch_size"] * self.replicas
+        self.global_batch = config.batch_size * self.replicas
+        self.examples_per_step = self.global_batch * config.accumulate
         train_examples = int(self.info["splits"]["train"]["num_examples"])
-        self.steps_per_epoch = max(1, train_examples // self.global_batch)
-        if config["steps_per_epoch"]:
-            self.steps_per_epoch = config["steps_per_epoch"]
+        self.steps_per_epoch = config.steps_per_epoch or max(1, train_examples // self.examples_per_step)
+        self.learning_rate = config.learning_rate
+        if config.scale_lr_to_batch:
+            self.learning_rate *= self.examples_per_step / config.scale_lr_to_batch
 
     # ----------------------------------------------------------------------- set-up
 
     def _build(self):
         config = self.config
-        keras.utils.set_random_seed(int(config["seed"]))  # the same initial weights for the same seed
+        keras.utils.set_random_seed(config.seed)  # the same initial weights for the same seed
+        if config.warmup_iters:
+            warmup = config.warmup_iters
+        else:
+            warmup = int(round(config.warmup_epochs * self.steps_per_epoch))
+        self.total_steps = self._fixed_total()
+        if self.total_steps is not None and warmup > self.total_steps // 2:
+            self.log(f"warm-up of {warmup} steps shortened to half of the run's {self.total_steps} steps")
+            warmup = self.total_steps // 2
         with self.strategy.scope():
-            entry = {"model": config["model"], "input_size": tuple(config["image_size"])}
-            self.model = presets.build_model(entry, self.num_classes, weights=config.get("encoder_weights"))
+            entry = {"model": config.model, "input_size": tuple(config.image_size)}
+            self.model = presets.build_model(entry, self.num_classes, weights=config.encoder_weights)
             if self.replicas > 1:
                 # Batch statistics over the global batch (SyncBN). Keras' BatchNormalization
                 # otherwise updates its moving statistics from each replica's own batch, and the
@@ -131,76 +117,116 @@ class Trainer:
                 for layer in self.model._flatten_layers(include_self=False, recursive=True):
                     if isinstance(layer, keras.layers.BatchNormalization):
                         layer.synchronized = True
-            self.optimizer = build_optimizer(config, self.steps_per_epoch)
+            shape = "constant" if config.schedule == "plateau" else config.schedule
+            self.schedule = schedules.WarmupDecaySchedule(
+                self.learning_rate, shape, total_steps=self.total_steps or UNPLANNED, warmup_steps=warmup,
+                final_ratio=config.final_lr_ratio, power=config.poly_power)
+            # Batches seen: seeds augmentation, positions the input stream and drives the schedule.
+            # It advances on every batch, also when a mixed_float16 step is skipped for non-finite
+            # gradients (the optimizer's own counter does not).
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            optimizer = build_optimizer(config, lambda: self.schedule(self.step), self.model.trainable_variables)
             if self.precision == "mixed_float16":
-                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            self.optimizer = optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.train_iou = metrics.MeanIoU(self.num_classes, name="train_miou")
             self.val_iou = metrics.MeanIoU(self.num_classes, name="val_miou")
-            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_miou")
-            self.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_without_improvement")
+        self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_miou")
+        self.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="validations_without_improvement")
+        self.elapsed = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="seconds_spent")
         counts = self.info["splits"]["train"].get("class_pixel_counts")
-        self.loss_fn = losses.build_loss(
-            config["loss"], num_classes=self.num_classes, class_weights=config["class_weights"],
-            class_pixel_counts=counts,
-        )
-        self.augment_config = augment.AugmentConfig.from_dict(config["augment"])
-        # The optimizer's state includes its learning rate, so a plateau cut survives a resume.
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, epoch=self.epoch,
-                                              best=self.best, wait=self.wait)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir.checkpoints, max_to_keep=1)
+        self.loss_fn = losses.build_loss(config.loss, num_classes=self.num_classes,
+                                         class_weights=config.class_weights, class_pixel_counts=counts)
+        self.augment_config = augment.AugmentConfig.from_dict(config.augment)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step,
+                                              schedule=self.schedule, best=self.best, wait=self.wait,
+                                              elapsed=self.elapsed)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir.checkpoints, max_to_keep=2,
+                                                  step_counter=self.step)
 
-    def _datasets(self):
+    def _fixed_total(self):
         config = self.config
-        common = dict(image_size=tuple(config["image_size"]), resize_mode=config["resize_mode"])
-        self.train_data = data.distribute_dataset(
-            self.strategy, config["data"], "train", batch_size=self.global_batch, training=True, repeat=True,
-            shuffle_seed=config["seed"] + int(self.epoch.numpy()), cache=config["cache"], **common,
-        )
-        val_batch = config["val_batch_size"] * self.replicas
+        if config.iters:
+            return config.iters
+        if config.epochs:
+            return config.epochs * self.steps_per_epoch
+        return None  # a time budget: planned once the step is measured
+
+    def _datasets(self, start_step):
+        config = self.config
+        common = dict(image_size=tuple(config.image_size), resize_mode=config.resize_mode)
+
+        def train_fn(ctx):
+            # A pipeline feeds (replicas / pipelines) replicas one batch each per step; a resumed
+            # run starts each pipeline's stream where the checkpoint's step left it.
+            per_step = ctx.get_per_replica_batch_size(self.examples_per_step) * (
+                ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+            return data.build_dataset(
+                config.data, "train", training=True, repeat=True, input_context=ctx,
+                batch_size=self.examples_per_step, shuffle_seed=config.seed, cache=config.cache,
+                start_example=start_step * per_step, **common)
+
+        self.train_data = self.strategy.distribute_datasets_from_function(train_fn)
+        val_batch = config.val_batch_size * self.replicas
         self.val_data = data.distribute_dataset(
-            self.strategy, config["data"], "val", batch_size=val_batch, training=False,
-            drop_remainder=False, cache=config["cache"], **common,
-        )
+            self.strategy, config.data, "val", batch_size=val_batch, training=False,
+            drop_remainder=False, cache=config.cache, **common)
 
     # ----------------------------------------------------------------------- steps
 
     def _make_steps(self):
         config, strategy = self.config, self.strategy
-        model, optimizer, loss_fn = self.model, self.optimizer, self.loss_fn
-        augment_config, seed = self.augment_config, int(config["seed"])
+        model, optimizer, loss_fn, step = self.model, self.optimizer, self.loss_fn, self.step
+        augment_config, seed, accumulate = self.augment_config, config.seed, config.accumulate
         scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-        def replica_train_step(images, masks):
-            # Seeded by the optimizer's step: reproducible, different every step, and resumable.
-            step_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(optimizer.iterations, tf.int64)])
-            replica = tf.distribute.get_replica_context()
-            if replica is not None and replica.num_replicas_in_sync > 1:
-                step_seed = tf.random.experimental.stateless_fold_in(
-                    step_seed, tf.cast(replica.replica_id_in_sync_group, tf.int64), alg="philox")
-            images, masks = augment.augment_segmentation(images, masks, step_seed, augment_config)
+        def gradients(images, masks):
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
                 # Keras losses divide by the replica count inside a replica context, so the
                 # gradients summed over replicas are those of the global-batch mean.
                 loss = loss_fn(masks, logits)
                 objective = optimizer.scale_loss(loss) if scale_loss else loss
-            variables = model.trainable_variables
-            grads = tape.gradient(objective, variables)
-            optimizer.apply(grads, variables)
-            self.train_iou.update_state(masks, logits)
+            return loss, logits, tape.gradient(objective, model.trainable_variables)
+
+        def replica_train_step(images, masks):
+            # Seeded by the batch counter: reproducible, different every batch, and resumable.
+            step_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)])
+            replica = tf.distribute.get_replica_context()
+            if replica is not None and replica.num_replicas_in_sync > 1:
+                step_seed = tf.random.experimental.stateless_fold_in(
+                    step_seed, tf.cast(replica.replica_id_in_sync_group, tf.int64), alg="philox")
+            images, masks = augment.augment_segmentation(images, masks, step_seed, augment_config)
+            if accumulate == 1:
+                loss, logits, grads = gradients(images, masks)
+                self.train_iou.update_state(masks, logits)
+            else:
+                # One optimizer step from `accumulate` micro-batches: the mean of their gradients,
+                # with one micro-batch's activations in memory at a time.
+                micro = config.batch_size
+                loss, grads = 0.0, None
+                for k in range(accumulate):
+                    part = slice(k * micro, (k + 1) * micro)
+                    part_loss, logits, part_grads = gradients(images[part], masks[part])
+                    self.train_iou.update_state(masks[part], logits)
+                    loss += part_loss / accumulate
+                    grads = part_grads if grads is None else [a + b for a, b in zip(grads, part_grads)]
+                grads = [g / accumulate for g in grads]
+            optimizer.apply(grads, model.trainable_variables)
+            step.assign_add(1)
             return loss
 
         def replica_eval_step(images, masks):
             self.val_iou.update_state(masks, model(images, training=False))
 
-        if config["jit"] and self.replicas > 1:
+        if config.jit and self.replicas > 1:
             # A replica function compiled with XLA cannot update mirrored variables (Keras, too,
             # turns XLA off under tf.distribute).
             self.log("--jit: XLA is off with several replicas (a compiled replica step cannot update "
                      "mirrored variables)")
-        elif config["jit"]:
+        elif config.jit:
             replica_train_step = tf.function(replica_train_step, jit_compile=True)
 
         @tf.function
@@ -223,84 +249,209 @@ class Trainer:
         config, paths = self.config, self.run_dir
         os.makedirs(paths.root, exist_ok=True)
         self._build()
-        start_epoch = 0
-        if config["resume"]:
+        if config.resume:
             latest = self.manager.latest_checkpoint
             if latest is None:
                 raise ValueError(f"--resume: no checkpoint in {paths.checkpoints}")
             self.checkpoint.restore(latest).expect_partial()
-            start_epoch = int(self.epoch.numpy())
-            self.log(f"resuming {paths.root} after epoch {start_epoch} (best val mIoU so far "
+            self.log(f"resuming {paths.root} at step {int(self.step.numpy())} (best val mIoU so far "
                      f"{self.best.numpy():.4f})")
-        elif config["init_from"]:
-            self._init_from(config["init_from"])
-        if self.chief:
-            config["resolved"] = {"precision": self.precision, "strategy": distribute.strategy_name(self.strategy),
-                                  "replicas": self.replicas, "global_batch_size": self.global_batch,
-                                  "steps_per_epoch": self.steps_per_epoch}
-            write_json_atomically(paths.config, config)
-            shutil.copyfile(os.path.join(config["data"], tfrecord.DATASET_INFO_NAME), paths.dataset_info)
-        self._datasets()
+        elif config.init_from:
+            self._init_from(config.init_from)
+        start_step = int(self.step.numpy())
+        self._spent_before = float(self.elapsed.numpy())  # by the processes this run was resumed from
+        budget = None
+        if config.time_budget:
+            # What the interrupted runs spent counts against the budget; this process's start-up too.
+            budget = TimeBudget(self.started_at + 60 * config.time_budget - self._spent_before)
+            planned = int(self.schedule.total_steps.numpy())
+            self.total_steps = planned if config.resume and planned < UNPLANNED else None
+        self._write_config()
+        self._datasets(start_step)
         train_steps, eval_step = self._make_steps()
         writer = tf.summary.create_file_writer(paths.logs) if self.chief else tf.summary.create_noop_writer()
-        history = self._open_history(start_epoch)
-        iterator = iter(self.train_data)
-        total_steps = config["max_steps"] or None
+        history = History(paths.history, keep_until_step=start_step if config.resume else 0)
         self.log(f"training {self.model.name}: {self.model.count_params():,} parameters, {self.precision}, "
-                 f"strategy {distribute.strategy_name(self.strategy)} x{self.replicas} replicas, "
-                 f"global batch {self.global_batch}, "
-                 f"{self.steps_per_epoch} steps/epoch")
+                 f"strategy {distribute.strategy_name(self.strategy)} x{self.replicas} replicas, global batch "
+                 f"{self.global_batch}" + (f" x{config.accumulate} accumulated" if config.accumulate > 1 else "")
+                 + f", {self.steps_per_epoch} steps/epoch, " + self._length_text())
+        if config.scale_lr_to_batch:
+            self.log(f"learning rate scaled to the batch: {config.learning_rate:g} x {self.examples_per_step}/"
+                     f"{config.scale_lr_to_batch} = {self.learning_rate:g}")
+        try:
+            summary = self._loop(train_steps, eval_step, iter(self.train_data), history, writer, budget)
+        except KeyboardInterrupt:
+            self._save_checkpoint()
+            raise
+        finally:
+            history.close()
+            writer.close()
+        self._finish()
+        return summary
 
-        stopped_early = False
-        run_started = time.perf_counter()
-        for epoch in range(start_epoch, config["epochs"]):
-            started = time.perf_counter()
-            self.train_iou.reset_state()
-            steps = self.steps_per_epoch
-            if total_steps is not None:
-                steps = min(steps, total_steps - int(self.optimizer.iterations.numpy()))
-                if steps <= 0:
-                    break
-            loss = self._train_epoch(train_steps, iterator, steps, epoch)
-            result = self._validate(eval_step)
-            seconds = time.perf_counter() - started
-            improved = result["miou"] > float(self.best.numpy())
-            row = {
-                "epoch": epoch + 1, "loss": loss, "train_miou": float(self.train_iou.result()),
-                "val_miou": result["miou"], "val_pixel_accuracy": result["pixel_accuracy"],
-                "val_mean_dice": result["mean_dice"], "learning_rate": current_learning_rate(self.optimizer),
-                "seconds": seconds,
-            }
-            history.writerow(row)
-            self._history_file.flush()
-            self._summaries(writer, epoch + 1, row, result)
-            line = (f"epoch {epoch + 1}/{config['epochs']}: loss {loss:.4f}  train mIoU {row['train_miou']:.4f}  "
-                    f"val mIoU {result['miou']:.4f}  pixel acc {result['pixel_accuracy']:.4f}  ({seconds:.0f} s)")
-            if "category_miou" in result:
-                line += f"  category mIoU {result['category_miou']:.4f}"
-            if improved:
-                self.best.assign(result["miou"])
-                self.wait.assign(0)
-                line += "  * best"
-                if self.chief:
-                    save_model_atomically(self.model, paths.best_model)
-                    self._write_best(epoch + 1, result)
-            else:
-                self.wait.assign_add(1)
-                self._maybe_reduce_lr()
-            self.log(line)
-            self.epoch.assign(epoch + 1)
-            self.manager.save(checkpoint_number=epoch + 1)
-            if config["patience"] and int(self.wait.numpy()) >= config["patience"]:
-                self.log(f"early stop: no val mIoU improvement in {config['patience']} epochs")
-                stopped_early = True
+    def _length_text(self):
+        config = self.config
+        if config.time_budget:
+            return f"time budget {config.time_budget:g} min"
+        return f"{self.total_steps} steps"
+
+    def _loop(self, train_steps, eval_step, iterator, history, writer, budget):
+        config = self.config
+        step = int(self.step.numpy())
+        progress = keras.utils.Progbar(self.total_steps or 1, stateful_metrics=["loss", "train_miou"],
+                                       verbose=1 if config.progress else 0)
+        next_checkpoint = None  # known once the run's length is
+        stopped_early, measured_compile = False, False
+        losses_since, steps_since, interval_started = [], 0, time.perf_counter()
+        self.train_iou.reset_state()
+        while self.total_steps is None or step < self.total_steps:
+            limit = config.steps_per_call if measured_compile else min(2, config.steps_per_call)
+            targets = [step + limit]
+            if self.total_steps is not None:
+                if next_checkpoint is None:
+                    next_checkpoint = self._next_multiple(step, self._checkpoint_interval())
+                targets += [self.total_steps, self._next_multiple(step, self._validation_interval()),
+                            next_checkpoint]
+            n = max(1, min(targets) - step)
+            chunk_started = time.perf_counter()
+            loss = float(train_steps(iterator, tf.constant(n)))
+            seconds = time.perf_counter() - chunk_started
+            step += n
+            losses_since.append(loss * n)
+            steps_since += n
+            if budget is not None:
+                if measured_compile:  # the first chunk holds the tracing and compilation
+                    budget.record_steps(n, seconds)
+                    self._replan(budget, step)
+                    progress.target = self.total_steps
+            measured_compile = True
+            if self.total_steps is None:
+                continue
+            progress.update(min(step, progress.target),
+                            [("loss", loss), ("train_miou", float(self.train_iou.result()))])
+            final = step >= self.total_steps
+            if final or step >= self._next_multiple(step - n, self._validation_interval()):
+                self._validate_and_log(eval_step, step, sum(losses_since) / steps_since,
+                                       time.perf_counter() - interval_started, history, writer, budget)
+                losses_since, steps_since, interval_started = [], 0, time.perf_counter()
+                self.train_iou.reset_state()
+                if config.patience and int(self.wait.numpy()) >= config.patience and not final:
+                    self.log(f"early stop: no val mIoU improvement in {config.patience} validations")
+                    stopped_early = True
+            if final or stopped_early or step >= next_checkpoint:
+                self._save_checkpoint()
+                next_checkpoint = self._next_multiple(step, self._checkpoint_interval())
+            if stopped_early:
                 break
-            elapsed = time.perf_counter() - run_started
-            if config["time_limit"] and epoch + 1 < config["epochs"] and elapsed + seconds > 60 * config["time_limit"]:
-                self.log(f"time limit: another epoch (~{seconds:.0f} s) would end after {config['time_limit']} min")
-                break
-        self._history_file.close()
-        writer.close()
+        summary = dict(self._best_summary())
+        summary["stopped_early"] = stopped_early
+        summary["steps"] = step
+        return summary
+
+    # ----------------------------------------------------------------------- cadence
+
+    def _validation_interval(self):
+        config = self.config
+        if config.val_every:
+            return config.val_every
+        if config.epochs:
+            return self.steps_per_epoch
+        return max(1, math.ceil((self.total_steps or 1) / DEFAULT_VALIDATIONS))
+
+    def _checkpoint_interval(self):
+        return self.config.checkpoint_every or self._validation_interval()
+
+    @staticmethod
+    def _next_multiple(step, interval):
+        return (step // interval + 1) * interval
+
+    def _replan(self, budget, step):
+        """A time-budget run: the total step count that ends on time, and the schedule fitted to it."""
+        estimate = self._validation_estimate(budget)
+        if self.total_steps is None and not self.config.val_every:
+            validations_left = DEFAULT_VALIDATIONS - 1
+        else:
+            guess = self.total_steps or budget.plan(step, 0, estimate)
+            interval = self._validation_interval()
+            validations_left = max(0, (guess - 1) // interval - step // interval)
+        total = max(step + 1, budget.plan(step, validations_left, estimate))
+        # Re-fit the schedule only for a real change, not for every few milliseconds of noise.
+        if self.total_steps is None or abs(total - self.total_steps) > max(1, 0.002 * self.total_steps):
+            self.total_steps = total
+            self.schedule.retarget(step, total)
+
+    def _validation_estimate(self, budget):
+        """Before the first validation: the val split's forward passes at a third of a training step's cost."""
+        val_examples = int(self.info["splits"]["val"]["num_examples"])
+        return val_examples / self.examples_per_step * budget.seconds_per_step / 3
+
+    # ----------------------------------------------------------------------- validation and files
+
+    def _validate_and_log(self, eval_step, step, loss, seconds, history, writer, budget):
+        config = self.config
+        started = time.perf_counter()
+        self.val_iou.reset_state()
+        for batch in self.val_data:
+            eval_step(batch)
+        result = metrics.summarize_confusion(self.val_iou.confusion_matrix(), self.class_names,
+                                             self.info.get("label_space"))
+        if budget is not None:
+            budget.record_validation(time.perf_counter() - started)
+        epoch = step / self.steps_per_epoch
+        row = {"step": step, "epoch": round(epoch, 3), "loss": loss, "train_miou": float(self.train_iou.result()),
+               "val_miou": result["miou"], "val_pixel_accuracy": result["pixel_accuracy"],
+               "val_mean_dice": result["mean_dice"], "learning_rate": float(self.schedule(step)),
+               "seconds": seconds}
+        history.append(row)
+        self._summaries(writer, step, row, result)
+        improved = result["miou"] > float(self.best.numpy())
+        line = (f"step {step}/{self.total_steps} (epoch {epoch:.2f}): loss {loss:.4f}  train mIoU "
+                f"{row['train_miou']:.4f}  val mIoU {result['miou']:.4f}  pixel acc {result['pixel_accuracy']:.4f}  "
+                f"lr {row['learning_rate']:.2e}  ({seconds:.0f} s)")
+        if "category_miou" in result:
+            line += f"  category mIoU {result['category_miou']:.4f}"
+        if improved:
+            self.best.assign(result["miou"])
+            self.wait.assign(0)
+            line += "  * best"
+            if self.chief:
+                saved = time.perf_counter()
+                save_model_atomically(self.model, self.run_dir.best_model)
+                if budget is not None:
+                    budget.record_save(time.perf_counter() - saved)
+                write_best(self.run_dir, step, epoch, result,
+                           metrics.format_table(result["confusion_matrix"], self.class_names))
+        else:
+            self.wait.assign_add(1)
+            if config.schedule == "plateau" and int(self.wait.numpy()) % config.plateau_patience == 0:
+                self.schedule.cut(config.plateau_factor)
+                line += f"  (no improvement in {int(self.wait.numpy())} validations: lr x{config.plateau_factor})"
+        self.log(line)
+        return row, improved
+
+    def _save_checkpoint(self):
+        # Seconds this run has spent, across resumes: before this process, and in it.
+        self.elapsed.assign(self._spent_before + time.time() - self.started_at)
+        self.manager.save(checkpoint_number=int(self.step.numpy()))
+
+    def _write_config(self):
+        config = self.config
+        if not self.chief:
+            return
+        config.resolved = {"precision": self.precision, "strategy": distribute.strategy_name(self.strategy),
+                           "replicas": self.replicas, "global_batch_size": self.global_batch,
+                           "examples_per_step": self.examples_per_step, "steps_per_epoch": self.steps_per_epoch,
+                           "learning_rate": self.learning_rate, "total_steps": self.total_steps,
+                           "warmup_steps": self.schedule.warmup_steps}
+        write_json_atomically(self.run_dir.config, config.to_dict())
+        shutil.copyfile(os.path.join(config.data, tfrecord.DATASET_INFO_NAME), self.run_dir.dataset_info)
+
+    def _finish(self):
+        config, paths = self.config, self.run_dir
+        if self.chief and config.time_budget:
+            # The step count the budget came to, so that the run can be repeated with --iters.
+            config.resolved["total_steps"] = int(self.step.numpy())
+            write_json_atomically(paths.config, config.to_dict())
         # Every worker's replicas must end with the same weights; this line lets a person (and the
         # multi-worker test) compare them across machines.
         worker = ""
@@ -311,45 +462,21 @@ class Trainer:
         if self.chief:
             save_model_atomically(self.model, paths.last_model)
             self._sample_grid()
-            if config.get("export", True) and os.path.exists(paths.best_model):
+            if config.export and os.path.exists(paths.best_model):
                 from keras_seg.export import export_saved_model
 
                 export_saved_model(paths.root, paths.saved_model, version=1, overwrite=True, log=self.log)
-        summary = {}
-        if os.path.exists(paths.best_metrics):
-            with open(paths.best_metrics) as f:
-                summary = json.load(f)
-        summary["stopped_early"] = stopped_early
-        return summary
+        if config.time_budget:
+            spent = time.time() - self.started_at
+            self.log(f"time budget {config.time_budget:g} min: {int(self.step.numpy())} steps, this process "
+                     f"{spent / 60:.2f} min")
 
-    def _train_epoch(self, train_steps, iterator, steps, epoch):
-        progress = keras.utils.Progbar(steps, stateful_metrics=["loss", "train_miou"],
-                                       verbose=1 if self.config["progress"] else 0)
-        chunk = max(1, min(steps, self.config["steps_per_call"]))
-        done, losses_seen = 0, []
-        while done < steps:
-            n = min(chunk, steps - done)
-            loss = float(train_steps(iterator, tf.constant(n)))
-            losses_seen.append((loss, n))
-            done += n
-            progress.update(done, [("loss", loss), ("train_miou", float(self.train_iou.result()))])
-        return sum(loss * n for loss, n in losses_seen) / max(1, done)
+    def _best_summary(self):
+        if os.path.exists(self.run_dir.best_metrics):
+            from keras_seg.run_dir import read_json
 
-    def _validate(self, eval_step):
-        self.val_iou.reset_state()
-        for batch in self.val_data:
-            eval_step(batch)
-        confusion = self.val_iou.confusion_matrix()
-        return metrics.summarize_confusion(confusion, self.class_names, self.info.get("label_space"))
-
-    def _maybe_reduce_lr(self):
-        config = self.config
-        if config["schedule"] != "plateau" or int(self.wait.numpy()) % config["plateau_patience"]:
-            return
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        inner.learning_rate.assign(inner.learning_rate * config["plateau_factor"])
-        self.log(f"val mIoU has not improved for {int(self.wait.numpy())} epochs: learning rate x"
-                 f"{config['plateau_factor']} -> {current_learning_rate(self.optimizer):.2e}")
+            return read_json(self.run_dir.best_metrics)
+        return {}
 
     def _init_from(self, run):
         path = run if run.endswith(".keras") else os.path.join(run, "best.keras")
@@ -359,37 +486,24 @@ class Trainer:
         self.model.set_weights(source.get_weights())
         self.log(f"initialized the weights from {path}")
 
-    def _open_history(self, start_epoch):
-        path = self.run_dir.history
-        rows = []
-        if start_epoch and os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= start_epoch]
-        self._history_file = open(path, "w", newline="")
-        history = csv.DictWriter(self._history_file, fieldnames=LOG_COLUMNS)
-        history.writeheader()
-        for row in rows:
-            history.writerow(row)
-        return history
-
-    def _summaries(self, writer, epoch, row, result):
-        with writer.as_default(step=epoch):
-            for key in LOG_COLUMNS[1:]:
+    def _summaries(self, writer, step, row, result):
+        with writer.as_default(step=step):
+            for key in ("loss", "train_miou", "val_miou", "val_pixel_accuracy", "val_mean_dice", "learning_rate"):
                 tf.summary.scalar(key, row[key])
             for name, iou in zip(self.class_names, result["per_class_iou"]):
                 if not np.isnan(iou):
                     tf.summary.scalar(f"val_iou/{name.replace(' ', '_')}", iou)
             if "category_miou" in result:
                 tf.summary.scalar("val_category_miou", result["category_miou"])
-            tf.summary.image("val_samples", self._predictions_grid(4)[None], step=epoch,
+            tf.summary.image("val_samples", self._predictions_grid(4)[None], step=step,
                              description="image | ground truth | prediction")
 
     def _sample_batch(self, count=6):
-        """The first `count` validation examples, read once, for the pictures of every epoch."""
+        """The first `count` validation examples, read once, for the pictures of every validation."""
         if not hasattr(self, "_samples"):
             batch = next(iter(data.build_dataset(
-                self.config["data"], "val", training=False, batch_size=count,
-                image_size=tuple(self.config["image_size"]), resize_mode=self.config["resize_mode"])))
+                self.config.data, "val", training=False, batch_size=count,
+                image_size=tuple(self.config.image_size), resize_mode=self.config.resize_mode)))
             self._samples = (batch[0].numpy(), batch[1].numpy())
         return self._samples
 
@@ -399,32 +513,8 @@ class Trainer:
         predictions = np.argmax(keras.ops.convert_to_numpy(logits), axis=-1)
         return visualize.prediction_grid(images, masks, predictions, self.info["class_colors"])
 
-    def _write_best(self, epoch, result):
-        table = metrics.format_table(result["confusion_matrix"], self.class_names)
-        write_text_atomically(self.run_dir.best_table, f"best epoch {epoch}\n{table}\n")
-        summary = {k: v for k, v in result.items() if k not in ("confusion_matrix",)}
-        summary = json.loads(json.dumps({"epoch": epoch, **summary}, default=_jsonable))
-        write_json_atomically(self.run_dir.best_metrics, summary)
-
     def _sample_grid(self):
         if os.path.exists(self.run_dir.best_model):
             best = keras.saving.load_model(self.run_dir.best_model, compile=False)
             self.model.set_weights(best.get_weights())
         visualize.save_png(self.run_dir.samples, self._predictions_grid(6))
-
-
-def weights_fingerprint(model) -> str:
-    """First 16 hex digits of the SHA-256 of all weights."""
-    digest = hashlib.sha256()
-    for weight in model.get_weights():
-        digest.update(np.ascontiguousarray(weight).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return [None if isinstance(v, float) and np.isnan(v) else v for v in value.tolist()]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(type(value).__name__)
-

@@ -1,5 +1,6 @@
 """keras_seg.data: reading TFRecord directories into (image, mask) batches."""
 
+import hashlib
 import io
 import json
 import os
@@ -290,3 +291,42 @@ def test_real_cityscapes_pairs(shared_data, tmp_path):
     for images, masks in _batches(ds):
         assert images.shape == (2, 128, 128, 3) and masks.shape == (2, 128, 128)
         assert set(np.unique(masks)) <= set(range(19)) | {IGNORE}
+
+
+def _key(image):
+    """Identifies an example: its images are random class-colour blocks."""
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("cache", [None, "memory"])
+def test_training_stream_resumes_at_any_example(tmp_path, cache):
+    """The stream begun at example k equals the stream begun at 0 after k examples: same examples,
+    same order, same random crops, across pass boundaries (10 examples a pass)."""
+    write_dataset(tmp_path, {"train": [(32, 48, "png")] * 10}, num_shards=3)
+    common = dict(training=True, repeat=True, batch_size=3, image_size=(24, 32), resize_mode="crop",
+                  shuffle_seed=5, shuffle_buffer=4, cache=cache)
+    whole = [b[0].numpy() for b in data.build_dataset(tmp_path, "train", **common).take(12)]
+    for start_batch in (2, 3, 7):  # 6, 9 (mid-pass), 21 examples (third pass)
+        resumed = data.build_dataset(tmp_path, "train", start_example=3 * start_batch, **common)
+        got = [b[0].numpy() for b in resumed.take(12 - start_batch)]
+        for i, batch in enumerate(got):
+            np.testing.assert_array_equal(batch, whole[start_batch + i], err_msg=f"start {start_batch}, batch {i}")
+    # and the passes differ from one another (a new shuffle each pass)
+    keys = [_key(image) for batch in whole for image in batch]
+    assert keys[:10] != keys[10:20]
+
+
+def test_training_pipelines_read_disjoint_complete_records(tmp_path):
+    """3 shards, 4 pipelines (fewer shards than pipelines: each keeps every 4th record of one common
+    order): in every pass the pipelines' records are disjoint and together every record."""
+    arrays = write_dataset(tmp_path, {"train": [(16, 16, "png")] * 12}, num_shards=3)
+    expected = sorted(_key(image.astype(np.float32) / 255.0) for image, _ in arrays["train"])
+    for epoch in range(2):
+        seen = []
+        for pipeline in range(4):
+            context = tf.distribute.InputContext(num_input_pipelines=4, input_pipeline_id=pipeline,
+                                                 num_replicas_in_sync=4)
+            ds = data.build_dataset(tmp_path, "train", training=True, repeat=True, batch_size=4, image_size=(16, 16),
+                                    shuffle_seed=3, input_context=context, start_example=3 * epoch)
+            seen += [_key(b[0].numpy()[0]) for b in ds.take(3)]
+        assert sorted(seen) == expected, f"pass {epoch}"

@@ -50,8 +50,8 @@ def make_config(data, output, *extra):
          "--cache", "memory", "--seed", "1", *extra]
     )
     config = train_cli.resolve_config(args)
-    config["output"] = str(output)
-    config["provenance"] = {"command": "test"}
+    config.output = str(output)
+    config.provenance = {"command": "test"}
     return config
 
 
@@ -79,7 +79,7 @@ def test_tiny_model_overfits_a_handful_of_images(tiny_data, tmp_path):
         assert (run / name).is_file(), name
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "logs"))
     assert (run / "saved_model" / "run" / "1" / "saved_model.pb").is_file()
-    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-6")
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-150")  # named by the step
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["seed"] == 1 and recorded["model"]["depth"] == 3
     table = (run / "best_per_class_iou.txt").read_text()
@@ -106,33 +106,6 @@ def test_tiny_model_overfits_a_handful_of_images(tiny_data, tmp_path):
     assert abs(np.mean(ious) - best["miou"]) < 1e-3
 
 
-def test_resume_continues_from_the_interrupted_epoch(tiny_data, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    config = make_config(tiny_data, run, "--epochs", "3", "--patience", "0")
-    original = Trainer._train_epoch
-
-    def interrupt_third_epoch(self, train_steps, iterator, steps, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, train_steps, iterator, steps, epoch)
-
-    monkeypatch.setattr(Trainer, "_train_epoch", interrupt_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(config, log=lambda _: None).run()
-    assert [r["epoch"] for r in read_history(run)] == ["1", "2"]
-    best_before = json.loads((run / "best_metrics.json").read_text())["miou"]
-    monkeypatch.setattr(Trainer, "_train_epoch", original)
-
-    lines = []
-    resumed = Trainer({**config, "resume": True}, log=lines.append)
-    resumed.run()
-    assert any("resuming" in line and "after epoch 2" in line for line in lines)
-    assert [r["epoch"] for r in read_history(run)] == ["1", "2", "3"]
-    # two epochs of 2 steps before the interruption, one after
-    assert int(resumed.optimizer.iterations.numpy()) == 3 * 2
-    assert json.loads((run / "best_metrics.json").read_text())["miou"] >= best_before
-
-
 def test_mirrored_over_two_devices_matches_one_device(tiny_data, tmp_path):
     """Global batch 4 = 2 replicas x 2: the same update as one device with batch 4 (batch norm included:
     its statistics are taken over the global batch)."""
@@ -141,8 +114,9 @@ def test_mirrored_over_two_devices_matches_one_device(tiny_data, tmp_path):
         # SiLU, not the preset's ReLU: ReLU's gradient jumps at 0, so a pre-activation within float
         # round-off of 0 (batch-norm sums in another order across replicas) flips a unit on or off,
         # a real but discontinuous difference that says nothing about the strategy.
-        config = make_config(tiny_data, tmp_path / strategy, "--epochs", "1", "--no-augment", "--strategy", strategy,
-                             "--batch-size", batch, "--max-steps", "2", "--clipnorm", "0",
+        config = make_config(tiny_data, tmp_path / strategy, "--no-augment", "--strategy", strategy,
+                             "--batch-size", batch, "--iters", "2", "--clipnorm", "0",
+                             "--optimizer", "sgd", "--learning-rate", "0.05", "--warmup-iters", "0",
                              "--model-arg", "activation=silu")
         trainer = Trainer(config, log=lambda _: None)
         trainer.run()
@@ -152,8 +126,8 @@ def test_mirrored_over_two_devices_matches_one_device(tiny_data, tmp_path):
     assert trainer.replicas == 2
     # the logged loss is the global-batch mean under both (a replica-count factor would show here)
     assert losses["mirrored"] == pytest.approx(losses["one"], rel=1e-4)
-    # the same two updates, up to the order of floating-point sums (Adam amplifies tiny gradient
-    # differences where gradients are near zero); each step moves weights by ~1e-3
+    # the same two updates, up to the order of floating-point sums (SGD: an update is lr x gradient,
+    # so a wrong gradient scale would show, unlike Adam's nearly sign(g) first steps)
     for a, b in zip(weights["one"], weights["mirrored"]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
@@ -174,7 +148,7 @@ def test_multiworker_two_local_processes_agree(tiny_data, tmp_path):
         command = [sys.executable, "-m", "keras_seg.train", "--preset", "unet_small", "--data", tiny_data,
                    "--output", str(tmp_path / "run"), "--no-progress", "--image-size", "64x128",
                    "--model-arg", "depth=3", "--model-arg", "base_filters=8", "--batch-size", "2",
-                   "--precision", "float32", "--strategy", "multiworker", "--epochs", "1", "--max-steps", "2"]
+                   "--precision", "float32", "--strategy", "multiworker", "--iters", "2"]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True))
     outputs = []
@@ -195,28 +169,19 @@ def test_multiworker_two_local_processes_agree(tiny_data, tmp_path):
     assert (tmp_path / "run" / "best.keras").is_file()
 
 
-def test_bfloat16_reaches_float32_miou_on_the_demo(tmp_path):
-    """The check behind --precision auto choosing mixed_bfloat16 on CPUs with bfloat16 instructions."""
-    directory = str(tmp_path / "demo")
-    demo.write_demo_dataset(directory, splits={"train": 96, "val": 24}, size=(64, 128), log=lambda _: None)
-    scores = {}
-    for precision in ("float32", "mixed_bfloat16"):
-        config = make_config(directory, tmp_path / precision, "--epochs", "5", "--steps-per-epoch", "24",
-                             "--precision", precision, "--model-arg", "base_filters=16", "--batch-size", "8",
-                             "--learning-rate", "0.005", "--patience", "0", "--no-export")
-        scores[precision] = Trainer(config, log=lambda _: None).run()["miou"]
-    assert scores["float32"] > 0.25, scores  # trained far enough to compare (untrained: ~0.03)
-    # Short runs differ by a few points from run to run (threaded CPU sums are not bit-reproducible);
-    # one CI run saw float32 0.411 and bfloat16 0.359; the 12-epoch demo in bfloat16 reaches 0.63
-    assert abs(scores["mixed_bfloat16"] - scores["float32"]) < 0.08, scores
-
-
 @pytest.mark.parametrize("args,message", [
     (["--preset", "nope"], "invalid choice: 'nope'"),
     (["--data", "/nonexistent/dir"], "--data: /nonexistent/dir: no such directory"),
     (["--image-size", "100x200"], "multiples of 16"),
     (["--loss", "ce+bogus"], "--loss:"),
     (["--augment", "flip_prob=2"], "--augment: flip_prob must be in [0, 1]"),
+    (["--model-arg", "base_filter=8"], "--model-arg base_filter: not an argument of the unet builder"),
+    (["--plateau-patience", "0"], "--plateau-patience must be >= 1, got 0"),
+    (["--plateau-factor", "1.5"], "--plateau-factor must be < 1"),
+    (["--time-limit", "30"], "--time-limit was replaced by --time-budget MINUTES"),
+    (["--max-steps", "30"], "--max-steps was replaced by --iters N"),
+    (["--iters", "10", "--epochs", "2"], "choose one of --iters, --epochs, --time-budget"),
+    (["--nesterov"], "--nesterov applies to --optimizer sgd only"),
 ])
 def test_bad_values_are_one_line_errors(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

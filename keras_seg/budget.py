@@ -1,0 +1,92 @@
+"""Sizing a run to a time budget: how many steps fit between now and the deadline.
+
+The budget counts from the process's start (TensorFlow's import and the model's compilation are
+part of what a user waits for) to its exit, so it must leave room for what comes after the last
+step: the final validation, saving the models and the SavedModel export. The planner measures
+everything it can (the step time over the recent past, each validation, each model save) and
+re-plans as it goes, so a machine that slows down or speeds up moves the end of the run, and the
+schedule is re-fitted to it (`WarmupDecaySchedule.retarget`).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+# Before anything is measured: the export (tracing the model into a SavedModel) costs several
+# model saves; these are floors, replaced by measurements as they come.
+EXPORT_SAVES = 4.0
+MIN_EXPORT_SECONDS = 8.0
+# Step time is the mean over the chunks of the last this many seconds: long enough to smooth
+# noise, short enough to follow a slow-down within a minute.
+WINDOW_SECONDS = 45.0
+
+
+def process_start_time() -> float:
+    """When this process started (wall clock), from /proc; the import time of this module elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + int(fields[19]) / ticks
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+
+
+class TimeBudget:
+    """Plans the total step count of a run that must end by `deadline` (a `clock()` time).
+
+    Args:
+        deadline: when the process must have exited, in `clock()` seconds.
+        clock: the time source (tests pass a fake one).
+        margin: fraction of the remaining time kept free for what cannot be measured in advance.
+    """
+
+    def __init__(self, deadline, clock=time.time, margin=0.02):
+        self.deadline = deadline
+        self.clock = clock
+        self.margin = margin
+        self._chunks = collections.deque()  # (end time, steps, seconds)
+        self.validation_seconds = None
+        self.save_seconds = None
+
+    def record_steps(self, steps, seconds):
+        now = self.clock()
+        self._chunks.append((now, steps, seconds))
+        while len(self._chunks) > 2 and now - self._chunks[0][0] > WINDOW_SECONDS:
+            self._chunks.popleft()
+
+    def record_validation(self, seconds):
+        self.validation_seconds = seconds
+
+    def record_save(self, seconds):
+        self.save_seconds = seconds if self.save_seconds is None else max(self.save_seconds, seconds)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self._chunks)
+
+    @property
+    def seconds_per_step(self) -> float:
+        steps = sum(c[1] for c in self._chunks)
+        return sum(c[2] for c in self._chunks) / max(steps, 1)
+
+    def final_seconds(self, validation_estimate) -> float:
+        """What follows the last step: a validation, the last model and the export."""
+        save = self.save_seconds or 1.0
+        validation = self.validation_seconds if self.validation_seconds is not None else validation_estimate
+        return validation + 2 * save + max(MIN_EXPORT_SECONDS, EXPORT_SAVES * save)
+
+    def plan(self, step, validations_left, validation_estimate=0.0) -> int:
+        """The total step count that ends the run on time, given `validations_left` validations
+        before the final one (each as long as the last measured, else `validation_estimate`)."""
+        validation = self.validation_seconds if self.validation_seconds is not None else validation_estimate
+        left = self.deadline - self.clock()
+        left -= self.margin * left + self.final_seconds(validation_estimate) + validations_left * validation
+        return int(step + max(0, left) // max(self.seconds_per_step, 1e-6))

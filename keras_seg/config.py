@@ -1,0 +1,216 @@
+"""The resolved configuration of a training run: one typed object, validated before anything heavy.
+
+`TrainConfig` is what the trainer reads and what `config.json` records (`to_dict`); a recorded
+run comes back through `TrainConfig.from_dict`. Values come from, in order: the defaults below,
+the preset's "train" entry, its "demo" entry (no --data), and the command line
+(`keras_seg.train.resolve_config`). `validate` turns every bad value into one `ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Optional
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "poly", "linear", "plateau")
+RESIZE_MODES = ("resize", "crop", "fit")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
+CLASS_WEIGHT_METHODS = ("none", "inverse", "median", "enet")
+
+# Keys of configs recorded by earlier versions, and what became of them.
+RETIRED_KEYS = {
+    "time_limit": "--time-limit was replaced by --time-budget MINUTES, which sizes the schedule to end in time",
+    "max_steps": "--max-steps was replaced by --iters N",
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, reported as one line before anything heavy starts."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # --- model and data
+    preset: str = "unet_silu"
+    model: dict = dataclasses.field(default_factory=dict)  # "architecture" + the builder's arguments
+    image_size: list = dataclasses.field(default_factory=lambda: [256, 512])
+    data: Optional[str] = None
+    demo: bool = False
+    resize_mode: str = "resize"
+    cache: Optional[str] = None
+    encoder_weights: Optional[str] = None
+    # --- length: exactly one of iters, epochs, time_budget is non-zero
+    iters: int = 0
+    epochs: int = 100
+    time_budget: float = 0.0  # minutes, from process start to exit
+    steps_per_epoch: int = 0  # 0: one pass over the training split (global batch x accumulate)
+    val_every: int = 0  # steps; 0: every epoch (epochs), a tenth of the run (iters, time_budget)
+    checkpoint_every: int = 0  # steps; 0: with every validation
+    steps_per_call: int = 10  # steps run in one call of the compiled loop
+    # --- batch
+    batch_size: int = 8  # per replica
+    val_batch_size: int = 8
+    accumulate: int = 1  # batches whose gradients make one optimizer step
+    scale_lr_to_batch: int = 0  # the global batch `learning_rate` is meant for; 0: no scaling
+    # --- optimizer and schedule
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 1e-4  # not applied to biases and normalisation parameters
+    clipnorm: float = 1.0  # global gradient norm; 0: off
+    schedule: str = "cosine"
+    warmup_iters: int = 0
+    warmup_epochs: float = 1.0  # used when warmup_iters is 0
+    final_lr_ratio: Optional[float] = None  # None: the shape's default (keras_seg.schedules)
+    poly_power: float = 0.9
+    plateau_patience: int = 3  # validations without improvement before the plateau cut
+    plateau_factor: float = 0.5
+    # --- objective
+    loss: str = "ce"
+    class_weights: object = "none"  # a method name or a list of weights
+    augment: dict = dataclasses.field(default_factory=dict)
+    # --- compute
+    precision: str = "auto"
+    jit: bool = False
+    strategy: str = "auto"
+    seed: int = 0
+    patience: int = 15  # early stopping: validations without improvement; 0: off
+    # --- this invocation
+    output: Optional[str] = None
+    resume: bool = False
+    init_from: Optional[str] = None
+    progress: bool = True
+    export: bool = True
+    provenance: dict = dataclasses.field(default_factory=dict)
+    resolved: dict = dataclasses.field(default_factory=dict)  # what the trainer decided (precision, steps, ...)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        """A config from a dict (a recorded config.json); unknown keys are a `ConfigError`."""
+        values = dict(values)
+        for key, why in RETIRED_KEYS.items():
+            if values.pop(key, None):
+                raise ConfigError(f"{source}: {why}; this run was recorded by an earlier keras-seg")
+        unknown = sorted(set(values) - cls.field_names())
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @property
+    def length_mode(self) -> str:
+        return "iters" if self.iters else "time_budget" if self.time_budget else "epochs"
+
+
+def set_length(config: TrainConfig, iters=None, epochs=None, time_budget=None):
+    """Set the run's length by one of the three; the others are cleared (the last word wins)."""
+    given = {k: v for k, v in (("iters", iters), ("epochs", epochs), ("time_budget", time_budget)) if v is not None}
+    if len(given) > 1:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"choose one of --iters, --epochs, --time-budget (got {flags})")
+    if given:
+        config.iters, config.epochs, config.time_budget = 0, 0, 0.0
+        (key, value), = given.items()
+        setattr(config, key, value)
+
+
+def model_stride(model_config: dict) -> int:
+    """The factor the input size must be divisible by."""
+    if model_config.get("architecture") == "unet":
+        return 2 ** int(model_config.get("depth", 4)) * int(model_config.get("stem_stride", 1))
+    return 32
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_number(config, name, low, *, above=False, kind=float):
+    value = getattr(config, name)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or (kind is int and not float(value).is_integer()):
+        raise ConfigError(f"--{name.replace('_', '-')} must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {value!r}")
+    if (value <= low) if above else (value < low):
+        raise ConfigError(f"--{name.replace('_', '-')} must be {'>' if above else '>='} {low}, got {value}")
+    setattr(config, name, kind(value))
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check every value; raise `ConfigError` with one line naming the option. Returns `config`."""
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    _check_choice("schedule", config.schedule, SCHEDULES)
+    _check_choice("resize_mode", config.resize_mode, RESIZE_MODES)
+    _check_choice("precision", config.precision, PRECISIONS)
+    _check_choice("strategy", config.strategy, STRATEGIES)
+    for name in ("batch_size", "val_batch_size", "steps_per_call", "accumulate", "plateau_patience"):
+        _check_number(config, name, 1, kind=int)
+    for name in ("iters", "epochs", "steps_per_epoch", "val_every", "checkpoint_every", "warmup_iters", "patience",
+                 "scale_lr_to_batch", "seed"):
+        _check_number(config, name, 0, kind=int)
+    for name in ("time_budget", "warmup_epochs", "weight_decay", "clipnorm", "momentum"):
+        _check_number(config, name, 0)
+    _check_number(config, "learning_rate", 0, above=True)
+    _check_number(config, "poly_power", 0, above=True)
+    _check_number(config, "plateau_factor", 0, above=True)
+    if config.plateau_factor >= 1:
+        raise ConfigError(f"--plateau-factor must be < 1 (it cuts the learning rate), got {config.plateau_factor}")
+    if config.final_lr_ratio is not None:
+        _check_number(config, "final_lr_ratio", 0)
+    if sum(bool(v) for v in (config.iters, config.epochs, config.time_budget)) != 1:
+        raise ConfigError("a run needs exactly one of --iters N, --epochs N, --time-budget MINUTES")
+    if config.nesterov and config.optimizer != "sgd":
+        raise ConfigError("--nesterov applies to --optimizer sgd only")
+    if not isinstance(config.image_size, (list, tuple)) or len(config.image_size) != 2:
+        raise ConfigError(f"--image-size must be HxW, got {config.image_size!r}")
+    config.image_size = [int(v) for v in config.image_size]
+    height, width = config.image_size
+    stride = model_stride(config.model)
+    if height < 1 or width < 1 or height % stride or width % stride:
+        raise ConfigError(f"--image-size {height}x{width}: both sides must be positive multiples of {stride}, "
+                          f"the stride of this {config.model.get('architecture')} model")
+    _check_model_args(config.model)
+
+    from keras_seg import losses
+    from keras_seg.augment import AugmentConfig
+
+    try:
+        config.augment = AugmentConfig.from_dict(config.augment).to_dict()  # every setting spelled out
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--augment: {err}") from err
+    try:
+        losses.parse_loss_spec(config.loss)
+    except ValueError as err:
+        raise ConfigError(f"--loss: {err}") from err
+    weights = config.class_weights
+    if isinstance(weights, str) and weights not in CLASS_WEIGHT_METHODS:
+        try:
+            config.class_weights = [float(v) for v in weights.split(",")]
+        except ValueError as err:
+            raise ConfigError(f"--class-weights: expected {', '.join(CLASS_WEIGHT_METHODS)} or numbers, got "
+                              f"{weights!r}") from err
+    return config
+
+
+def _check_model_args(model: dict):
+    """Every --model-arg names an argument of the architecture's builder."""
+    from keras_seg.models.presets import ARCHITECTURES
+
+    architecture = model.get("architecture")
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"model architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    accepted = set(inspect.signature(ARCHITECTURES[architecture]).parameters) - {"num_classes", "input_shape"}
+    unknown = sorted(set(model) - accepted - {"architecture"})
+    if unknown:
+        raise ConfigError(f"--model-arg {unknown[0]}: not an argument of the {architecture} builder "
+                          f"(it takes {', '.join(sorted(accepted))})")

@@ -1,0 +1,92 @@
+"""The run directory: where a training run leaves everything a person reads (README, "A run directory").
+
+Every file is written so that an interruption at any moment leaves the previous version or the new
+one, never half of one: models and JSON go to a temporary file that is renamed, and the history is
+rewritten up to the step a resumed run continues from.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from keras_seg.files import jsonable, publish, temp_path_beside, write_json_atomically, write_text_atomically
+
+HISTORY_COLUMNS = ("step", "epoch", "loss", "train_miou", "val_miou", "val_pixel_accuracy", "val_mean_dice",
+                   "learning_rate", "seconds")
+
+
+class RunDir:
+    """Paths of a run directory."""
+
+    def __init__(self, root):
+        self.root = root
+        self.config = os.path.join(root, "config.json")
+        self.dataset_info = os.path.join(root, "dataset_info.json")
+        self.history = os.path.join(root, "history.csv")
+        self.logs = os.path.join(root, "logs")
+        self.checkpoints = os.path.join(root, "checkpoints")
+        self.best_model = os.path.join(root, "best.keras")
+        self.last_model = os.path.join(root, "last.keras")
+        self.best_table = os.path.join(root, "best_per_class_iou.txt")
+        self.best_metrics = os.path.join(root, "best_metrics.json")
+        self.samples = os.path.join(root, "samples.png")
+        self.saved_model = os.path.join(root, "saved_model")
+
+
+def save_model_atomically(model, path):
+    """`model.save` to a temporary file beside `path`, then rename: `path` is never half-written."""
+    tmp = temp_path_beside(path, suffix=".keras")  # Keras wants the .keras suffix
+    try:
+        model.save(tmp)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class History:
+    """history.csv: one row per validation. A resumed run keeps the rows up to its checkpoint's step."""
+
+    def __init__(self, path, keep_until_step=0):
+        rows = []
+        if keep_until_step and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if "step" in r and int(r["step"]) <= keep_until_step]
+        self._file = open(path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=HISTORY_COLUMNS)
+        self._writer.writeheader()
+        for row in rows:
+            self._writer.writerow(row)
+        self._file.flush()
+
+    def append(self, row):
+        self._writer.writerow({k: row[k] for k in HISTORY_COLUMNS})
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def write_best(run_dir: RunDir, step, epoch, result, table):
+    """The best validation's per-class table and every metric (NaN, for a class absent from the data, as null)."""
+    write_text_atomically(run_dir.best_table, f"best: step {step} (epoch {epoch:.2f})\n{table}\n")
+    summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
+    write_json_atomically(run_dir.best_metrics, jsonable({"step": step, "epoch": epoch, **summary}))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def weights_fingerprint(model) -> str:
+    """First 16 hex digits of the SHA-256 of all weights."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()[:16]
