@@ -16,8 +16,8 @@ import time
 
 # Before anything is measured: the export (tracing the model into a SavedModel) costs several
 # model saves; these are floors, replaced by measurements as they come.
-EXPORT_SAVES = 4.0
-MIN_EXPORT_SECONDS = 8.0
+EXPORT_SAVES = 6.0
+MIN_EXPORT_SECONDS = 3.0
 # Step time is the mean over the chunks of the last this many seconds: long enough to smooth
 # noise, short enough to follow a slow-down within a minute.
 WINDOW_SECONDS = 45.0

@@ -165,6 +165,36 @@ def _cache_path(prefix, split, image_size, resize_mode, training, pipeline_id, n
     return f"{os.fspath(prefix)}-{name}"
 
 
+def claim_file_cache(prefix, log=print):
+    """Take the file cache under `prefix` for this process, and remove what a killed run left there.
+
+    A run killed while it fills a `tf.data` file cache leaves TensorFlow's `.lockfile` (and a
+    partial `tempstate` file) behind, and every later run then fails with "concurrent caching
+    iterator". This process holds an exclusive lock on `PREFIX.keras_seg.lock` while it lives (the
+    operating system drops it whatever way the process ends), so when the lock is free, no
+    keras-seg run is filling these files and what is there is stale.
+
+    Returns the open lock file: keep it as long as the cache is in use. Raises ValueError when
+    another live process holds the prefix.
+    """
+    import fcntl
+    import glob
+
+    prefix = os.fspath(prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    handle = open(f"{prefix}.keras_seg.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"--cache {prefix}: another running process uses this cache prefix; choose another") from None
+    for path in sorted(glob.glob(glob.escape(prefix) + "-*")):
+        if path.endswith(".lockfile") or ".tempstate" in path:
+            os.remove(path)
+            log(f"removed {path}, left by an interrupted run")
+    return handle
+
+
 def _check_first_record(paths):
     """Fail early, with the file named, when the records are not in the keras-seg format."""
     for path in paths:

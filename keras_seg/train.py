@@ -285,22 +285,32 @@ def resumed_config(output, args, argv) -> TrainConfig:
     path = os.path.join(output, "config.json")
     if not os.path.isdir(os.path.join(output, "checkpoints")) or not os.path.exists(path):
         raise ConfigError(f"--resume: {output} holds no checkpoints to continue from")
-    refused = sorted(set(given_settings(args)) - set(RESUMABLE))
-    refused += [flag for flag in ("data", "init_from", "augment", "no_augment", "model_arg")
-                if getattr(args, flag, None)]
-    if args.preset != build_parser().get_default("preset") and "--preset" in argv:
-        refused.append("preset")
-    if refused:
-        flag = "--" + refused[0].replace("_", "-")
-        raise ConfigError(f"--resume continues {output} as recorded: {flag} cannot change there (allowed: "
-                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}, --no-progress, --no-export); "
-                          "start a new run with --init-from to change it")
     try:
         with open(path) as f:
             recorded = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"--resume: {path}: {err}") from err
     config = TrainConfig.from_dict(recorded, source=path)
+    # The same command again with --resume is fine: a flag is refused only if it changes a setting.
+    asked = resolve_config(args)
+    compared = [k for k in given_settings(args) if k not in RESUMABLE]
+    if args.no_augment:
+        compared.append("augment")
+    if args.init_from:
+        compared.append("init_from")
+    if "--preset" in argv:
+        compared.append("preset")
+    changed = [k for k in compared if getattr(asked, k) != getattr(config, k)]
+    changed += ["augment" for k, _ in args.augment or [] if asked.augment.get(k) != config.augment.get(k)]
+    changed += ["model" for k, _ in args.model_arg or [] if asked.model.get(k) != config.model.get(k)]
+    if args.data is not None and os.path.abspath(args.data) != os.path.abspath(config.data or ""):
+        changed.insert(0, "data")
+    if changed:
+        flag = "--" + {"model": "model-arg"}.get(changed[0], changed[0]).replace("_", "-")
+        raise ConfigError(f"--resume continues {output} as recorded: {flag} cannot change there (allowed: "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}, --no-progress, --no-export); "
+                          "start a new run with --init-from to change it")
+
     given = given_settings(args)
     set_length(config, **{k: given.pop(k) for k in LENGTH_KEYS if k in given})
     for key, value in given.items():

@@ -156,6 +156,9 @@ class Trainer:
 
     def _datasets(self, start_step):
         config = self.config
+        if config.cache not in (None, "memory") and not isinstance(self.strategy,
+                                                                    tf.distribute.MultiWorkerMirroredStrategy):
+            self._cache_lock = data.claim_file_cache(config.cache, log=self.log)
         common = dict(image_size=tuple(config.image_size), resize_mode=config.resize_mode)
 
         def train_fn(ctx):
@@ -260,7 +263,7 @@ class Trainer:
             self._init_from(config.init_from)
         start_step = int(self.step.numpy())
         self._spent_before = float(self.elapsed.numpy())  # by the processes this run was resumed from
-        budget = None
+        budget, self._validated = None, False
         if config.time_budget:
             # What the interrupted runs spent counts against the budget; this process's start-up too.
             budget = TimeBudget(self.started_at + 60 * config.time_budget - self._spent_before)
@@ -286,7 +289,13 @@ class Trainer:
         finally:
             history.close()
             writer.close()
+        last_step_at = time.time()
         self._finish()
+        if config.time_budget:
+            self.log(f"time budget {config.time_budget:g} min: {summary['steps']} steps; the last step ended "
+                     f"{(last_step_at - self.started_at) / 60:.2f} min after the start, the run "
+                     f"{(time.time() - self.started_at) / 60:.2f} min (this process; planned final phase "
+                     f"{budget.final_seconds(0.0):.0f} s, took {time.time() - last_step_at:.0f} s)")
         return summary
 
     def _length_text(self):
@@ -338,7 +347,7 @@ class Trainer:
                 if config.patience and int(self.wait.numpy()) >= config.patience and not final:
                     self.log(f"early stop: no val mIoU improvement in {config.patience} validations")
                     stopped_early = True
-            if final or stopped_early or step >= next_checkpoint:
+            if final or stopped_early or (next_checkpoint is not None and step >= next_checkpoint):
                 self._save_checkpoint()
                 next_checkpoint = self._next_multiple(step, self._checkpoint_interval())
             if stopped_early:
@@ -395,8 +404,6 @@ class Trainer:
             eval_step(batch)
         result = metrics.summarize_confusion(self.val_iou.confusion_matrix(), self.class_names,
                                              self.info.get("label_space"))
-        if budget is not None:
-            budget.record_validation(time.perf_counter() - started)
         epoch = step / self.steps_per_epoch
         row = {"step": step, "epoch": round(epoch, 3), "loss": loss, "train_miou": float(self.train_iou.result()),
                "val_miou": result["miou"], "val_pixel_accuracy": result["pixel_accuracy"],
@@ -417,7 +424,7 @@ class Trainer:
             if self.chief:
                 saved = time.perf_counter()
                 save_model_atomically(self.model, self.run_dir.best_model)
-                if budget is not None:
+                if budget is not None and self._validated:  # the first save also traces the model
                     budget.record_save(time.perf_counter() - saved)
                 write_best(self.run_dir, step, epoch, result,
                            metrics.format_table(result["confusion_matrix"], self.class_names))
@@ -427,7 +434,9 @@ class Trainer:
                 self.schedule.cut(config.plateau_factor)
                 line += f"  (no improvement in {int(self.wait.numpy())} validations: lr x{config.plateau_factor})"
         self.log(line)
-        return row, improved
+        if budget is not None and self._validated:  # the first one also traces the evaluation step
+            budget.record_validation(time.perf_counter() - started)  # with its files and summaries
+        self._validated = True
 
     def _save_checkpoint(self):
         # Seconds this run has spent, across resumes: before this process, and in it.
@@ -466,10 +475,6 @@ class Trainer:
                 from keras_seg.export import export_saved_model
 
                 export_saved_model(paths.root, paths.saved_model, version=1, overwrite=True, log=self.log)
-        if config.time_budget:
-            spent = time.time() - self.started_at
-            self.log(f"time budget {config.time_budget:g} min: {int(self.step.numpy())} steps, this process "
-                     f"{spent / 60:.2f} min")
 
     def _best_summary(self):
         if os.path.exists(self.run_dir.best_metrics):

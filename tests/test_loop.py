@@ -1,0 +1,262 @@
+"""The training loop: exact resume after SIGKILL, gradient accumulation, time budgets, --resume's rules,
+and what --precision auto decides."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_seg import data, demo, distribute
+from keras_seg import train as train_cli
+from keras_seg.models.presets import build_model
+from keras_seg.trainer import Trainer
+
+from test_train import REPO, make_config, read_history, tiny_data  # noqa: F401 (fixture)
+
+TINY = ["--image-size", "64x128", "--model-arg", "depth=3", "--model-arg", "base_filters=8", "--batch-size", "4",
+        "--val-batch-size", "4", "--precision", "float32", "--strategy", "one", "--seed", "1", "--no-progress",
+        "--no-export"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_policy():
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def pass_data(tmp_path_factory):
+    """64 demo scenes (16 steps of 4 a pass) and 8 for validation."""
+    directory = str(tmp_path_factory.mktemp("pass") / "data")
+    demo.write_demo_dataset(directory, splits={"train": 64, "val": 8}, size=(64, 128), log=quiet)
+    return directory
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_the_uninterrupted_run(pass_data, tmp_path):
+    """A real subprocess killed with SIGKILL mid-epoch, with a file cache whose lock it leaves behind;
+    the resumed run restores the checkpoint's step and ends with the uninterrupted run's weights."""
+    # 16 steps a pass: the kill falls in the first pass, while the cache is being filled. Augmentation
+    # on (seeded by the step), SGD with momentum and a poly schedule (both carry state).
+    length = ["--iters", "40", "--checkpoint-every", "3", "--val-every", "20", "--steps-per-call", "1",
+              "--optimizer", "sgd", "--learning-rate", "0.05", "--schedule", "poly", "--warmup-iters", "4"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+
+    def command(run, *extra):
+        # Every run in a subprocess of its own: the test process splits its CPU into two logical
+        # devices, which changes the order of floating-point sums.
+        return [sys.executable, "-m", "keras_seg.train", "--preset", "unet_small", "--data", pass_data,
+                "--output", str(run), *extra]
+
+    whole = subprocess.run(command(tmp_path / "whole", "--cache", str(tmp_path / "c1"), *TINY, *length), env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    killed_command = command(run, "--cache", str(tmp_path / "c2"), *TINY, *length)
+    process = subprocess.Popen(killed_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while int((tf.train.latest_checkpoint(str(run / "checkpoints")) or "-0").rsplit("-", 1)[1]) < 6:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint at step 6 in time"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
+    checkpoint_step = int(latest.rsplit("-", 1)[1])
+    assert 6 <= checkpoint_step < 40
+
+    resumed = subprocess.run(command(run, "--resume", "--no-progress"), env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {run} at step {checkpoint_step} " in resumed.stdout
+    expected = keras.saving.load_model(tmp_path / "whole" / "last.keras", compile=False).get_weights()
+    got = keras.saving.load_model(run / "last.keras", compile=False).get_weights()
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    assert whole.stdout.split("weights fingerprint ")[1][:16] == resumed.stdout.split("weights fingerprint ")[1][:16]
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["provenance"]["command"].split(" -m ", 1)[1] == " ".join(killed_command).split(" -m ", 1)[1]
+    assert len(recorded["provenance"]["resumes"]) == 1
+    steps = [int(r["step"]) for r in read_history(run)]
+    assert steps == [20, 40]
+
+
+FILL_CACHE = """
+import sys, time
+from keras_seg.data import build_dataset
+ds = build_dataset(sys.argv[1], "train", training=True, repeat=True, batch_size=2, image_size=(64, 128),
+                   shuffle_seed=0, shuffle_buffer=2, cache=sys.argv[2])
+iterator = iter(ds)
+next(iterator)
+print("filling", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_a_cache_left_locked_by_sigkill_is_reclaimed(pass_data, tmp_path):
+    """SIGKILL while tf.data fills a file cache leaves its lock file (on which TensorFlow refuses to
+    read: "concurrent caching iterator"); the next run removes it, as no live process holds the
+    prefix, and reads the data."""
+    prefix = str(tmp_path / "cache")
+    process = subprocess.Popen([sys.executable, "-c", FILL_CACHE, pass_data, prefix], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        assert process.stdout.readline().strip() == "filling"
+        holder = data.claim_file_cache(prefix + "-other")  # an unrelated prefix is free
+        holder.close()
+    finally:
+        process.kill()
+        process.wait()
+    assert any(name.endswith(".lockfile") for name in os.listdir(tmp_path)), os.listdir(tmp_path)
+    common = dict(training=True, repeat=True, batch_size=2, image_size=(64, 128), shuffle_seed=0,
+                  shuffle_buffer=2, cache=prefix)
+    removed = []
+    lock = data.claim_file_cache(prefix, log=removed.append)
+    assert removed and all("left by an interrupted run" in line for line in removed)
+    assert not any(name.endswith(".lockfile") or ".tempstate" in name for name in os.listdir(tmp_path))
+    batches = list(data.build_dataset(pass_data, "train", **common).take(40))  # more than a pass: cache complete
+    assert len(batches) == 40
+    with pytest.raises(ValueError, match="another running process uses this cache prefix"):
+        data.claim_file_cache(prefix)
+    lock.close()
+
+
+def test_accumulating_two_batches_equals_one_batch_of_twice_the_size(tiny_data, tmp_path):  # noqa: F811
+    """No batch norm (its statistics would differ by design); SGD, so the gradient scale matters."""
+    weights = {}
+    for name, batch, accumulate in (("one", "4", "1"), ("accumulated", "2", "2")):
+        config = make_config(tiny_data, tmp_path / name, "--iters", "3", "--no-augment", "--batch-size", batch,
+                             "--accumulate", accumulate, "--model-arg", "batch_norm=false", "--optimizer", "sgd",
+                             "--learning-rate", "0.1", "--warmup-iters", "0", "--clipnorm", "0", "--loss", "ce",
+                             "--class-weights", "none", "--no-export")
+        trainer = Trainer(config, log=quiet)
+        trainer.run()
+        assert trainer.examples_per_step == 4
+        weights[name] = trainer.model.get_weights()
+    initial = make_config(tiny_data, tmp_path / "x", "--iters", "1", "--model-arg", "batch_norm=false")
+    keras.utils.set_random_seed(initial.seed)
+    start = build_model({"model": initial.model, "input_size": (64, 128)}, 19).get_weights()
+    assert max(np.abs(a - b).max() for a, b in zip(start, weights["one"])) > 1e-3  # it trained
+    for a, b in zip(weights["one"], weights["accumulated"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_time_budget_ends_on_time_through_a_slowdown(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """A 1-minute budget; 20 s in, every step takes twice as long (a sleep after each compiled call).
+    The run, its validations and the export end within 5% of the budget, and the schedule reaches its
+    end value at the last step."""
+    started = time.time()
+    original = Trainer._make_steps
+
+    def slowed(self):
+        train_steps, eval_step = original(self)
+
+        def slow_train_steps(iterator, steps):
+            t = time.perf_counter()
+            loss = train_steps(iterator, steps)
+            if time.time() - started > 20:
+                time.sleep(time.perf_counter() - t)
+            return loss
+        return slow_train_steps, eval_step
+
+    monkeypatch.setattr(Trainer, "_make_steps", slowed)
+    config = make_config(tiny_data, tmp_path / "run", "--time-budget", "1", "--schedule", "linear",
+                         "--model-arg", "base_filters=16")
+    config.export = True
+    lines = []
+    trainer = Trainer(config, log=lines.append, started_at=started)
+    trainer.run()
+    wall = time.time() - started
+    assert 57 <= wall <= 63, (wall, lines)
+    final_step = int(trainer.step.numpy())
+    assert final_step == trainer.total_steps
+    assert float(trainer.schedule(final_step)) == pytest.approx(0.0, abs=1e-9)  # linear-to-zero reached zero
+    history = read_history(tmp_path / "run")
+    assert int(history[-1]["step"]) == final_step
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["resolved"]["total_steps"] == final_step
+    assert (tmp_path / "run" / "saved_model" / "run" / "1" / "saved_model.pb").is_file()
+
+
+def _fake_run(directory):
+    (directory / "checkpoints").mkdir(parents=True)
+    (directory / "config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("flag,value", [("--learning-rate", "0.1"), ("--batch-size", "2"), ("--seed", "3"),
+                                        ("--augment", "flip_prob=0"), ("--data", "/somewhere")])
+def test_resume_refuses_a_flag_that_would_change_the_run(flag, value, tmp_path, capsys):
+    _fake_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--output", str(tmp_path / "run"), "--resume", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: --resume continues {tmp_path / 'run'} as recorded: {flag} cannot change")
+
+
+def test_resume_accepts_a_new_length(tmp_path):
+    config = make_config(str(tmp_path), tmp_path / "run", "--iters", "10")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config.to_dict()))
+    args = train_cli.build_parser().parse_args(["--output", str(tmp_path / "run"), "--resume", "--time-budget", "5"])
+    resumed = train_cli.resumed_config(str(tmp_path / "run"), args, [])
+    assert (resumed.iters, resumed.time_budget, resumed.learning_rate) == (0, 5.0, config.learning_rate)
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, "mixed_bfloat16"), (False, "float32")])
+def test_precision_auto_on_a_cpu(monkeypatch, bf16, expected):
+    monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: bf16)
+    assert distribute.choose_precision("auto", on_gpu=False) == expected
+    assert distribute.choose_precision("float32", on_gpu=False) == "float32"
+
+
+def test_bfloat16_numerics_on_a_fixed_batch(tiny_data):  # noqa: F811
+    """The same weights and batch in float32 and mixed_bfloat16: logits, loss and gradients agree to
+    bfloat16's precision (8 mantissa bits: ~0.4% per rounding). This is what mixed_bfloat16 training
+    rests on, checked without comparing two noisy trainings."""
+    from keras_seg import losses
+    from keras_seg.data import build_dataset
+
+    images, masks = next(iter(build_dataset(tiny_data, "train", training=False, batch_size=4,
+                                            image_size=(64, 128))))
+    entry = {"model": {"architecture": "unet", "depth": 3, "base_filters": 16, "stem_stride": 2},
+             "input_size": (64, 128)}
+    loss_fn = losses.build_loss("ce+dice", num_classes=19)
+    results = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        keras.mixed_precision.set_dtype_policy(policy)
+        keras.utils.set_random_seed(0)
+        model = build_model(entry, 19)
+        if policy == "float32":
+            weights = model.get_weights()
+        else:
+            model.set_weights(weights)
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = loss_fn(masks, logits)
+        grads = tape.gradient(loss, model.trainable_variables)
+        results[policy] = (logits.numpy(), float(loss), np.concatenate([tf.reshape(g, [-1]).numpy() for g in grads]))
+    (l32, loss32, g32), (l16, loss16, g16) = results["float32"], results["mixed_bfloat16"]
+    assert l16.dtype == np.float32  # logits in float32 under the mixed policy
+    assert np.abs(l16 - l32).max() <= 0.05 * np.abs(l32).max()
+    assert loss16 == pytest.approx(loss32, rel=0.01)
+    cosine = float(g16 @ g32 / np.linalg.norm(g16) / np.linalg.norm(g32))
+    assert cosine > 0.99, cosine
