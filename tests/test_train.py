@@ -60,6 +60,7 @@ def read_history(run):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_handful_of_images(tiny_data, tmp_path):
     run = tmp_path / "run"
     config = make_config(tiny_data, run, "--epochs", "6", "--steps-per-epoch", "25", "--no-augment",
@@ -106,6 +107,7 @@ def test_tiny_model_overfits_a_handful_of_images(tiny_data, tmp_path):
     assert abs(np.mean(ious) - best["miou"]) < 1e-3
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_devices_matches_one_device(tiny_data, tmp_path):
     """Global batch 4 = 2 replicas x 2: the same update as one device with batch 4 (batch norm included:
     its statistics are taken over the global batch)."""
@@ -138,6 +140,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_multiworker_two_local_processes_agree(tiny_data, tmp_path):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
