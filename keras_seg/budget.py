@@ -18,9 +18,10 @@ import time
 # model saves; these are floors, replaced by measurements as they come.
 EXPORT_SAVES = 6.0
 MIN_EXPORT_SECONDS = 3.0
-# Step time is the mean over the chunks of the last this many seconds: long enough to smooth
-# noise, short enough to follow a slow-down within a minute.
-WINDOW_SECONDS = 45.0
+# Step time is the mean over the chunks of the recent past: 3% of the budget (at least 3 s, at
+# most a minute), long enough to smooth noise, short enough that a slow-down late in the run is
+# followed before the end (a 1-minute budget looks at the last 3 s, a 35-minute one at the last minute).
+WINDOW_FRACTION, MIN_WINDOW_SECONDS, MAX_WINDOW_SECONDS = 0.03, 3.0, 60.0
 
 
 def process_start_time() -> float:
@@ -39,17 +40,26 @@ def process_start_time() -> float:
 _IMPORTED_AT = time.time()
 
 
+def window_seconds(budget_seconds) -> float:
+    return min(MAX_WINDOW_SECONDS, max(MIN_WINDOW_SECONDS, WINDOW_FRACTION * budget_seconds))
+
+
 class TimeBudget:
     """Plans the total step count of a run that must end by `deadline` (a `clock()` time).
 
     Args:
         deadline: when the process must have exited, in `clock()` seconds.
         clock: the time source (tests pass a fake one).
-        margin: fraction of the remaining time kept free for what cannot be measured in advance.
+        margin: seconds kept free for what cannot be measured in advance (the trainer: 2% of the
+            budget, so that a run aims to end at 98% of it).
+        export: whether the run ends with a SavedModel export.
+        window: seconds of recent chunks whose mean step time is the estimate.
     """
 
-    def __init__(self, deadline, clock=time.time, margin=0.02):
+    def __init__(self, deadline, clock=time.time, margin=0.0, export=True, window=MAX_WINDOW_SECONDS):
         self.deadline = deadline
+        self.export = export
+        self.window = window
         self.clock = clock
         self.margin = margin
         self._chunks = collections.deque()  # (end time, steps, seconds)
@@ -59,7 +69,7 @@ class TimeBudget:
     def record_steps(self, steps, seconds):
         now = self.clock()
         self._chunks.append((now, steps, seconds))
-        while len(self._chunks) > 2 and now - self._chunks[0][0] > WINDOW_SECONDS:
+        while len(self._chunks) > 2 and now - self._chunks[0][0] > self.window:
             self._chunks.popleft()
 
     def record_validation(self, seconds):
@@ -81,12 +91,13 @@ class TimeBudget:
         """What follows the last step: a validation, the last model and the export."""
         save = self.save_seconds or 1.0
         validation = self.validation_seconds if self.validation_seconds is not None else validation_estimate
-        return validation + 2 * save + max(MIN_EXPORT_SECONDS, EXPORT_SAVES * save)
+        export = max(MIN_EXPORT_SECONDS, EXPORT_SAVES * save) if self.export else 0.0
+        return validation + 2 * save + export
 
     def plan(self, step, validations_left, validation_estimate=0.0) -> int:
         """The total step count that ends the run on time, given `validations_left` validations
         before the final one (each as long as the last measured, else `validation_estimate`)."""
         validation = self.validation_seconds if self.validation_seconds is not None else validation_estimate
         left = self.deadline - self.clock()
-        left -= self.margin * left + self.final_seconds(validation_estimate) + validations_left * validation
+        left -= self.margin + self.final_seconds(validation_estimate) + validations_left * validation
         return int(step + max(0, left) // max(self.seconds_per_step, 1e-6))

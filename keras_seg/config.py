@@ -62,8 +62,8 @@ class TrainConfig:
     weight_decay: float = 1e-4  # not applied to biases and normalisation parameters
     clipnorm: float = 1.0  # global gradient norm; 0: off
     schedule: str = "cosine"
-    warmup_iters: int = 0
-    warmup_epochs: float = 1.0  # used when warmup_iters is 0
+    warmup_iters: Optional[int] = None  # takes precedence over warmup_epochs when set (0: no warm-up)
+    warmup_epochs: float = 1.0
     final_lr_ratio: Optional[float] = None  # None: the shape's default (keras_seg.schedules)
     poly_power: float = 0.9
     plateau_patience: int = 3  # validations without improvement before the plateau cut
@@ -76,6 +76,7 @@ class TrainConfig:
     precision: str = "auto"
     jit: bool = False
     strategy: str = "auto"
+    devices: int = 0  # mirrored: the first N GPUs, or N logical CPUs on a machine without GPUs; 0: all
     seed: int = 0
     patience: int = 15  # early stopping: validations without improvement; 0: off
     # --- this invocation
@@ -155,9 +156,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check_choice("strategy", config.strategy, STRATEGIES)
     for name in ("batch_size", "val_batch_size", "steps_per_call", "accumulate", "plateau_patience"):
         _check_number(config, name, 1, kind=int)
-    for name in ("iters", "epochs", "steps_per_epoch", "val_every", "checkpoint_every", "warmup_iters", "patience",
-                 "scale_lr_to_batch", "seed"):
+    for name in ("iters", "epochs", "steps_per_epoch", "val_every", "checkpoint_every", "patience",
+                 "scale_lr_to_batch", "seed", "devices"):
         _check_number(config, name, 0, kind=int)
+    if config.warmup_iters is not None:
+        _check_number(config, "warmup_iters", 0, kind=int)
     for name in ("time_budget", "warmup_epochs", "weight_decay", "clipnorm", "momentum"):
         _check_number(config, name, 0)
     _check_number(config, "learning_rate", 0, above=True)
@@ -169,6 +172,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         _check_number(config, "final_lr_ratio", 0)
     if sum(bool(v) for v in (config.iters, config.epochs, config.time_budget)) != 1:
         raise ConfigError("a run needs exactly one of --iters N, --epochs N, --time-budget MINUTES")
+    if config.strategy == "tpu":
+        raise ConfigError("--strategy tpu is not supported: the confusion-matrix metrics count pixels in a float64 "
+                          "variable, which TPUs lack, and float32 or int32 counts are inexact or overflow over a "
+                          "full-resolution epoch")
+    if config.devices and config.strategy != "mirrored":
+        raise ConfigError("--devices applies to --strategy mirrored only")
     if config.nesterov and config.optimizer != "sgd":
         raise ConfigError("--nesterov applies to --optimizer sgd only")
     if not isinstance(config.image_size, (list, tuple)) or len(config.image_size) != 2:

@@ -21,28 +21,62 @@ def cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_precision(name: str, on_gpu: bool) -> str:
-    """Resolve `--precision`.
+def choose_precision(name: str, gpus=None) -> tuple:
+    """Resolve `--precision`: returns (policy, why), the why for the run's log.
 
-    auto: mixed_float16 on a GPU. On a CPU never mixed_float16 (measured ~5x slower than float32
-    on our 2-core machine); mixed_bfloat16 where the CPU has bfloat16 instructions (1.2-1.8x
-    faster there, and `tests/test_train.py` checks it reaches float32's mIoU on the demo), else
-    float32.
+    auto, decided from the hardware:
+    - on GPUs, by the lowest compute capability among them: 8.0 and above (Ampere, Hopper, ...)
+      mixed_bfloat16, as fast as float16 there and without loss scaling; 7.x (Volta, Turing)
+      mixed_float16, which their tensor cores run; below 7.0 float32 (no tensor cores: float16
+      brings little and costs loss scaling);
+    - on a CPU never mixed_float16 (about 5x slower than float32 on CPU-A, docs/performance.md):
+      mixed_bfloat16 where the CPU has bfloat16 instructions, else float32.
+
+    Args:
+        name: one of PRECISIONS.
+        gpus: the physical GPUs (default: `tf.config.list_physical_devices("GPU")`).
     """
     if name not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {name!r}")
     if name != "auto":
-        return name
-    if on_gpu:
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
+        return name, "--precision " + name
+    gpus = tf.config.list_physical_devices("GPU") if gpus is None else gpus
+    if gpus:
+        capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability") for gpu in gpus]
+        if None in capabilities:
+            return "mixed_float16", "auto: a GPU of unknown compute capability"
+        major, minor = min(capabilities)
+        capability = f"GPU compute capability {major}.{minor}"
+        if major >= 8:
+            return "mixed_bfloat16", f"auto: {capability} >= 8.0 runs bfloat16 as fast as float16, without loss scaling"
+        if major == 7:
+            return "mixed_float16", f"auto: {capability} (7.x: float16 tensor cores, bfloat16 unsupported)"
+        return "float32", f"auto: {capability} < 7.0 has no tensor cores: mixed precision would bring little"
+    if cpu_has_bfloat16():
+        return "mixed_bfloat16", "auto: a CPU with bfloat16 instructions (AVX512-BF16 or AMX)"
+    return "float32", "auto: a CPU without bfloat16 instructions (float16 and bfloat16 would be slower there)"
 
 
-def choose_strategy(name: str) -> tf.distribute.Strategy:
+def split_cpu(devices: int):
+    """Split the CPU into `devices` logical devices, so that mirrored training can be checked on a
+    machine without GPUs. Possible only before TensorFlow initializes its devices."""
+    cpus = tf.config.list_physical_devices("CPU")  # (listing logical devices would initialize them)
+    if tf.config.list_physical_devices("GPU") or len(tf.config.get_logical_device_configuration(cpus[0]) or
+                                                     [None]) >= devices:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * devices)
+    except RuntimeError as err:  # already initialized with fewer
+        raise ValueError(f"--devices {devices}: TensorFlow has already set up its CPU devices ({err})") from err
+
+
+def choose_strategy(name: str, devices: int = 0) -> tf.distribute.Strategy:
     """Resolve `--strategy`.
 
     auto: MultiWorkerMirroredStrategy when TF_CONFIG describes a cluster of several workers,
     MirroredStrategy when this machine has several GPUs, else the default (one-device) strategy.
+    devices: with mirrored, use the first N GPUs, or on a machine without GPUs N logical CPUs
+    (0: all GPUs, or every logical CPU).
     """
     if name not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {STRATEGIES}, got {name!r}")
@@ -58,10 +92,14 @@ def choose_strategy(name: str) -> tf.distribute.Strategy:
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "mirrored":
+        if devices:
+            split_cpu(devices)
         gpus = tf.config.list_logical_devices("GPU")
-        # Without GPUs, mirror over the logical CPUs (tests split the CPU into two).
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
+        # Without GPUs, mirror over the logical CPUs (tests split the CPU into three).
+        names = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        if devices and len(names) < devices:
+            raise ValueError(f"--devices {devices}: only {len(names)} devices ({', '.join(names)})")
+        return tf.distribute.MirroredStrategy(names[:devices] if devices else names)
     if name == "multiworker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError("--strategy multiworker needs TF_CONFIG describing the cluster (see the README)")
@@ -91,3 +129,15 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     task_type, task_id = resolver.task_type, resolver.task_id
     return task_type is None or task_type == "chief" or (task_type == "worker" and task_id == 0 and
                                                           "chief" not in resolver.cluster_spec().as_dict())
+
+
+def is_chief_worker_from_env() -> bool:
+    """Whether TF_CONFIG (if any) makes this process the chief, read before any strategy exists: only
+    the chief prepares, overwrites and writes the run directory."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    cluster, task = config.get("cluster", {}), config.get("task", {})
+    if sum(len(v) for v in cluster.values()) <= 1:
+        return True
+    if "chief" in cluster:
+        return task.get("type") == "chief"
+    return task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0

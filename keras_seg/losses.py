@@ -116,6 +116,17 @@ class _SegmentationLoss(keras.losses.Loss):
         self.class_weights = _check_class_weights(class_weights)
         self.ignore_index = int(ignore_index)
 
+    # The trainer reduces a loss over the global batch (all replicas, all workers): each replica
+    # computes `statistics` (sums over its pixels), the trainer sums them across replicas, and
+    # `from_statistics` turns the sums into the loss. `call` (model.fit, standalone use) is the
+    # same computation over one batch.
+
+    def statistics(self, y_true, y_pred) -> dict:
+        raise NotImplementedError
+
+    def from_statistics(self, stats):
+        raise NotImplementedError
+
     def _pixel_weights(self, labels):
         return 1.0 if self.class_weights is None else ops.take(ops.convert_to_tensor(self.class_weights), labels)
 
@@ -140,12 +151,22 @@ class CrossEntropyLoss(_SegmentationLoss):
     def __init__(self, class_weights=None, ignore_index: int = IGNORE_INDEX, name="cross_entropy", **kwargs):
         super().__init__(class_weights, ignore_index, name=name, **kwargs)
 
-    def call(self, y_true, y_pred):
+    def _pixel_losses(self, y_true, y_pred):
         labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
         # The fused sparse form (one kernel for value and gradient, softmax - one_hot) trains 2x
         # faster than log_softmax + take_along_axis, whose gradient is a scatter.
         nll = ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        return _per_valid_pixel(nll * self._pixel_weights(labels), valid)
+        return nll * self._pixel_weights(labels), valid
+
+    def call(self, y_true, y_pred):
+        return _per_valid_pixel(*self._pixel_losses(y_true, y_pred))
+
+    def statistics(self, y_true, y_pred):
+        losses, valid = self._pixel_losses(y_true, y_pred)
+        return {"sum": ops.sum(losses * valid), "count": ops.sum(valid)}
+
+    def from_statistics(self, stats):
+        return ops.divide_no_nan(stats["sum"], stats["count"])
 
 
 @keras.saving.register_keras_serializable(package="keras_seg")
@@ -166,12 +187,16 @@ class FocalLoss(_SegmentationLoss):
             raise ValueError(f"focal loss gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
 
-    def call(self, y_true, y_pred):
+    def _pixel_losses(self, y_true, y_pred):
         labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
         log_pt = ops.squeeze(ops.take_along_axis(ops.log_softmax(logits, axis=-1), labels[..., None], axis=-1), axis=-1)
         # The floor keeps the gradient of (1 - p_t)^gamma finite at p_t = 1 when gamma < 1.
         modulation = ops.power(ops.maximum(1.0 - ops.exp(log_pt), 1e-12), self.gamma)
-        return _per_valid_pixel(-modulation * log_pt * self._pixel_weights(labels), valid)
+        return -modulation * log_pt * self._pixel_weights(labels), valid
+
+    call = CrossEntropyLoss.call
+    statistics = CrossEntropyLoss.statistics
+    from_statistics = CrossEntropyLoss.from_statistics
 
     def get_config(self):
         return {**super().get_config(), "gamma": self.gamma}
@@ -201,22 +226,26 @@ class DiceLoss(_SegmentationLoss):
             raise ValueError(f"dice smooth must be > 0, got {smooth}")
         self.smooth = float(smooth)
 
-    def call(self, y_true, y_pred):
+    def statistics(self, y_true, y_pred):
         labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
         num_classes = logits.shape[-1]
         probs = ops.softmax(logits, axis=-1) * valid[..., None]
         targets = ops.one_hot(labels, num_classes, dtype="float32") * valid[..., None]
         pixel_axes = tuple(range(len(logits.shape) - 1))
-        intersection = ops.sum(probs * targets, axis=pixel_axes)
-        cardinality = ops.sum(probs, axis=pixel_axes) + ops.sum(targets, axis=pixel_axes)
-        dice = (2.0 * intersection + self.smooth) / (cardinality + self.smooth)
+        return {"intersection": ops.sum(probs * targets, axis=pixel_axes),
+                "cardinality": ops.sum(probs, axis=pixel_axes) + ops.sum(targets, axis=pixel_axes)}
+
+    def from_statistics(self, stats):
+        dice = (2.0 * stats["intersection"] + self.smooth) / (stats["cardinality"] + self.smooth)
         if self.class_weights is None:
-            loss = 1.0 - ops.mean(dice)
-        else:
-            weights = ops.convert_to_tensor(self.class_weights)
-            loss = 1.0 - ops.sum(weights * dice) / ops.maximum(ops.sum(weights), 1e-12)
+            return 1.0 - ops.mean(dice)
+        weights = ops.convert_to_tensor(self.class_weights)
+        return 1.0 - ops.sum(weights * dice) / ops.maximum(ops.sum(weights), 1e-12)
+
+    def call(self, y_true, y_pred):
+        loss = self.from_statistics(self.statistics(y_true, y_pred))
         # One value per image (Keras scales non-scalar losses for tf.distribute, not scalars).
-        return ops.zeros_like(logits[:, 0, 0, 0]) + loss
+        return ops.zeros_like(ops.cast(y_pred[:, 0, 0, 0], "float32")) + loss
 
     def get_config(self):
         return {**super().get_config(), "smooth": self.smooth}
@@ -243,6 +272,12 @@ class CombinedLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         raise NotImplementedError("CombinedLoss sums its terms' reduced values: call the loss object itself")
+
+    def statistics(self, y_true, y_pred):
+        return {f"{i}": loss.statistics(y_true, y_pred) for i, (_, loss) in enumerate(self.losses)}
+
+    def from_statistics(self, stats):
+        return sum(weight * loss.from_statistics(stats[f"{i}"]) for i, (weight, loss) in enumerate(self.losses))
 
     def get_config(self):
         return {

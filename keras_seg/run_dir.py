@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from keras_seg.files import jsonable, publish, temp_path_beside, write_json_atomically, write_text_atomically
+from keras_seg.files import publish, temp_path_beside, write_json_atomically, write_text_atomically
 
 HISTORY_COLUMNS = ("step", "epoch", "loss", "train_miou", "val_miou", "val_pixel_accuracy", "val_mean_dice",
                    "learning_rate", "seconds")
@@ -76,7 +76,7 @@ def write_best(run_dir: RunDir, step, epoch, result, table):
     """The best validation's per-class table and every metric (NaN, for a class absent from the data, as null)."""
     write_text_atomically(run_dir.best_table, f"best: step {step} (epoch {epoch:.2f})\n{table}\n")
     summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
-    write_json_atomically(run_dir.best_metrics, jsonable({"step": step, "epoch": epoch, **summary}))
+    write_json_atomically(run_dir.best_metrics, {"step": step, "epoch": epoch, **summary})  # NaN -> null
 
 
 def read_json(path):

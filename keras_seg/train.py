@@ -110,6 +110,9 @@ def build_parser():
     o.add_argument("--precision", choices=PRECISIONS)
     o.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None, help="XLA-compile the step")
     o.add_argument("--strategy", choices=STRATEGIES)
+    o.add_argument("--devices", type=int, metavar="N",
+                   help="with --strategy mirrored: the first N GPUs, or on a machine without GPUs N logical CPUs "
+                        "(to check multi-device training on a CPU)")
     o.add_argument("--seed", type=int)
     o.add_argument("--patience", type=int, help="early stopping: validations without val mIoU improvement (0: off)")
     o.add_argument("--cache", help="'memory' or a file prefix: cache decoded examples")
@@ -236,11 +239,15 @@ def main(argv=None) -> int:
         if (args.resume or args.overwrite) and not args.output:
             raise ConfigError("--resume and --overwrite need --output RUN_DIR")
         output = args.output or default_output(args.preset)
+        from keras_seg.distribute import is_chief_worker_from_env
+
+        # In a multi-worker run only the chief prepares the run directory; the others leave it be.
+        chief = is_chief_worker_from_env()
         if args.resume:
             config = resumed_config(output, args, argv)
         else:
             config = resolve_config(args)
-            if os.path.isdir(output) and os.listdir(output):
+            if chief and os.path.isdir(output) and os.listdir(output):
                 if not args.overwrite:
                     raise ConfigError(f"--output {output} exists and is not empty: --resume to continue it, "
                                       "--overwrite to start afresh, or choose another")
@@ -262,6 +269,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # a preempted job checkpoints as on Ctrl-C
     try:
         summary = Trainer(config).run()
+    except ValueError as err:  # what the trainer finds wrong with the request (--devices, --cache, ...)
+        parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:
         print(f"\ninterrupted: checkpoint saved; continue with --resume --output {config.output}", file=sys.stderr)
         return 130
@@ -290,6 +299,10 @@ def resumed_config(output, args, argv) -> TrainConfig:
             recorded = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"--resume: {path}: {err}") from err
+    if "total_steps" not in recorded.get("resolved", {}):
+        raise ConfigError(f"--resume: {output} was trained by an earlier keras-seg, whose checkpoints hold no step "
+                          "or input position: it cannot continue exactly; start a new run with --init-from "
+                          f"{output}")
     config = TrainConfig.from_dict(recorded, source=path)
     # The same command again with --resume is fine: a flag is refused only if it changes a setting.
     asked = resolve_config(args)

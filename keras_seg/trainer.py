@@ -30,9 +30,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_seg import augment, data, distribute, losses, metrics, schedules, tfrecord, visualize
-from keras_seg.budget import TimeBudget, process_start_time
+from keras_seg.budget import TimeBudget, process_start_time, window_seconds
 from keras_seg.config import TrainConfig
 from keras_seg.files import write_json_atomically
+from keras_seg.replicas import apply_global_gradients, global_batch_loss
 from keras_seg.models import presets
 from keras_seg.run_dir import History, RunDir, save_model_atomically, weights_fingerprint, write_best
 
@@ -42,12 +43,13 @@ DEFAULT_VALIDATIONS = 10
 UNPLANNED = 2**40
 
 
-def build_optimizer(config: TrainConfig, learning_rate, variables):
-    """SGD (momentum, Nesterov), Adam or AdamW with global-norm clipping. Weight decay (decoupled,
-    as Keras applies it: w -= lr * wd * w) skips biases and normalisation parameters, i.e. every
-    variable of rank <= 1, as MMSegmentation's `bias_decay_mult=0, norm_decay_mult=0` does."""
+def build_optimizer(config: TrainConfig, learning_rate, variables, clip=True):
+    """SGD (momentum, Nesterov), Adam or AdamW, with global-norm clipping unless `clip=False` (the
+    trainer clips the gradients summed over replicas itself, `keras_seg.replicas`). Weight decay
+    (decoupled, as Keras applies it: w -= lr * wd * w) skips biases and normalisation parameters,
+    i.e. every variable of rank <= 1, as MMSegmentation's `bias_decay_mult=0, norm_decay_mult=0` does."""
     common = {"learning_rate": learning_rate}
-    if config.clipnorm:
+    if config.clipnorm and clip:
         common["global_clipnorm"] = config.clipnorm
     if config.weight_decay:
         common["weight_decay"] = config.weight_decay
@@ -75,9 +77,8 @@ class Trainer:
         self.config = config
         self.log = log
         self.started_at = process_start_time() if started_at is None else started_at
-        self.strategy = distribute.choose_strategy(config.strategy)
-        on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        self.precision = distribute.choose_precision(config.precision, on_gpu)
+        self.strategy = distribute.choose_strategy(config.strategy, config.devices)
+        self.precision, self.precision_reason = distribute.choose_precision(config.precision)
         keras.mixed_precision.set_dtype_policy(self.precision)
         self.chief = distribute.is_chief(self.strategy)
         # Non-chief workers write what they must (checkpoints are collective) to scratch space.
@@ -99,7 +100,7 @@ class Trainer:
     def _build(self):
         config = self.config
         keras.utils.set_random_seed(config.seed)  # the same initial weights for the same seed
-        if config.warmup_iters:
+        if config.warmup_iters is not None:
             warmup = config.warmup_iters
         else:
             warmup = int(round(config.warmup_epochs * self.steps_per_epoch))
@@ -126,7 +127,8 @@ class Trainer:
             # gradients (the optimizer's own counter does not).
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            optimizer = build_optimizer(config, lambda: self.schedule(self.step), self.model.trainable_variables)
+            optimizer = build_optimizer(config, lambda: self.schedule(self.step), self.model.trainable_variables,
+                                        clip=False)
             if self.precision == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             self.optimizer = optimizer
@@ -188,9 +190,7 @@ class Trainer:
         def gradients(images, masks):
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
-                # Keras losses divide by the replica count inside a replica context, so the
-                # gradients summed over replicas are those of the global-batch mean.
-                loss = loss_fn(masks, logits)
+                loss = global_batch_loss(loss_fn, masks, logits)
                 objective = optimizer.scale_loss(loss) if scale_loss else loss
             return loss, logits, tape.gradient(objective, model.trainable_variables)
 
@@ -217,12 +217,14 @@ class Trainer:
                     loss += part_loss / accumulate
                     grads = part_grads if grads is None else [a + b for a, b in zip(grads, part_grads)]
                 grads = [g / accumulate for g in grads]
-            optimizer.apply(grads, model.trainable_variables)
+            apply_global_gradients(optimizer, grads, model.trainable_variables, config.clipnorm)
             step.assign_add(1)
             return loss
 
         def replica_eval_step(images, masks):
-            self.val_iou.update_state(masks, model(images, training=False))
+            # The last validation batch may leave a replica with no example at all.
+            if tf.shape(images)[0] > 0:
+                self.val_iou.update_state(masks, model(images, training=False))
 
         if config.jit and self.replicas > 1:
             # A replica function compiled with XLA cannot update mirrored variables (Keras, too,
@@ -237,7 +239,8 @@ class Trainer:
             total = tf.constant(0.0, tf.float32)
             for _ in tf.range(steps):
                 per_replica = strategy.run(replica_train_step, args=next(iterator))
-                total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                # Every replica returns the same global-batch loss.
+                total += strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
             return total / tf.cast(steps, tf.float32)
 
         @tf.function
@@ -253,21 +256,30 @@ class Trainer:
         os.makedirs(paths.root, exist_ok=True)
         self._build()
         if config.resume:
-            latest = self.manager.latest_checkpoint
+            # Every worker restores the chief's checkpoint (the run directory must be on storage
+            # that every worker sees); the others write theirs to scratch space.
+            checkpoints = os.path.join(config.output, "checkpoints")
+            latest = tf.train.latest_checkpoint(checkpoints)
             if latest is None:
-                raise ValueError(f"--resume: no checkpoint in {paths.checkpoints}")
+                raise ValueError(f"--resume: no checkpoint in {checkpoints}")
             self.checkpoint.restore(latest).expect_partial()
-            self.log(f"resuming {paths.root} at step {int(self.step.numpy())} (best val mIoU so far "
-                     f"{self.best.numpy():.4f})")
+            self.log(f"resuming {config.output} at step {int(self.step.numpy())} (best val mIoU so far "
+                     f"{self.best.numpy():.4f}, weights fingerprint {weights_fingerprint(self.model)})")
         elif config.init_from:
             self._init_from(config.init_from)
         start_step = int(self.step.numpy())
+        planned = int(self.schedule.total_steps.numpy())
+        if config.resume and self.total_steps is not None and planned != self.total_steps:
+            # A new length given with --resume: the decay now ends there, from the rate reached.
+            self.schedule.retarget(start_step, self.total_steps)
+            self.log(f"the schedule now ends at step {self.total_steps} (was {planned})")
         self._spent_before = float(self.elapsed.numpy())  # by the processes this run was resumed from
         budget, self._validated = None, False
         if config.time_budget:
             # What the interrupted runs spent counts against the budget; this process's start-up too.
-            budget = TimeBudget(self.started_at + 60 * config.time_budget - self._spent_before)
-            planned = int(self.schedule.total_steps.numpy())
+            seconds = 60 * config.time_budget
+            budget = TimeBudget(self.started_at + seconds - self._spent_before, margin=0.02 * seconds,
+                                export=config.export, window=window_seconds(seconds))
             self.total_steps = planned if config.resume and planned < UNPLANNED else None
         self._write_config()
         self._datasets(start_step)
@@ -278,6 +290,7 @@ class Trainer:
                  f"strategy {distribute.strategy_name(self.strategy)} x{self.replicas} replicas, global batch "
                  f"{self.global_batch}" + (f" x{config.accumulate} accumulated" if config.accumulate > 1 else "")
                  + f", {self.steps_per_epoch} steps/epoch, " + self._length_text())
+        self.log(f"precision {self.precision}: {self.precision_reason}")
         if config.scale_lr_to_batch:
             self.log(f"learning rate scaled to the batch: {config.learning_rate:g} x {self.examples_per_step}/"
                      f"{config.scale_lr_to_batch} = {self.learning_rate:g}")
@@ -309,47 +322,52 @@ class Trainer:
         step = int(self.step.numpy())
         progress = keras.utils.Progbar(self.total_steps or 1, stateful_metrics=["loss", "train_miou"],
                                        verbose=1 if config.progress else 0)
-        next_checkpoint = None  # known once the run's length is
         stopped_early, measured_compile = False, False
+        self._validation_count = None
         losses_since, steps_since, interval_started = [], 0, time.perf_counter()
         self.train_iou.reset_state()
         while self.total_steps is None or step < self.total_steps:
-            limit = config.steps_per_call if measured_compile else min(2, config.steps_per_call)
-            targets = [step + limit]
+            # The first call compiles: a short one, so that a budget run measures its step soon.
+            limit = step + (config.steps_per_call if measured_compile else min(2, config.steps_per_call))
             if self.total_steps is not None:
-                if next_checkpoint is None:
-                    next_checkpoint = self._next_multiple(step, self._checkpoint_interval())
-                targets += [self.total_steps, self._next_multiple(step, self._validation_interval()),
-                            next_checkpoint]
-            n = max(1, min(targets) - step)
+                limit = min(limit, self.total_steps, self._next_validation(step), self._next_checkpoint(step))
+            n = max(1, limit - step)
             chunk_started = time.perf_counter()
             loss = float(train_steps(iterator, tf.constant(n)))
             seconds = time.perf_counter() - chunk_started
             step += n
             losses_since.append(loss * n)
             steps_since += n
-            if budget is not None:
-                if measured_compile:  # the first chunk holds the tracing and compilation
-                    budget.record_steps(n, seconds)
-                    self._replan(budget, step)
-                    progress.target = self.total_steps
+            if budget is not None and measured_compile:  # the first chunk holds the compilation
+                budget.record_steps(n, seconds)
+                self._replan(budget, step)
+                progress.target = self.total_steps
             measured_compile = True
             if self.total_steps is None:
                 continue
+            # Whether this chunk reached a validation or checkpoint point (of the plan as it now stands).
+            validate_at, checkpoint_at = self._next_validation(step - n), self._next_checkpoint(step - n)
             progress.update(min(step, progress.target),
                             [("loss", loss), ("train_miou", float(self.train_iou.result()))])
             final = step >= self.total_steps
-            if final or step >= self._next_multiple(step - n, self._validation_interval()):
+            events_started = time.perf_counter()
+            if final or step >= validate_at:
                 self._validate_and_log(eval_step, step, sum(losses_since) / steps_since,
                                        time.perf_counter() - interval_started, history, writer, budget)
+                self._validation_count = self._validations_done(step) + 1
                 losses_since, steps_since, interval_started = [], 0, time.perf_counter()
                 self.train_iou.reset_state()
                 if config.patience and int(self.wait.numpy()) >= config.patience and not final:
                     self.log(f"early stop: no val mIoU improvement in {config.patience} validations")
                     stopped_early = True
-            if final or stopped_early or (next_checkpoint is not None and step >= next_checkpoint):
+            if final or stopped_early or step >= checkpoint_at:
                 self._save_checkpoint()
-                next_checkpoint = self._next_multiple(step, self._checkpoint_interval())
+            if budget is not None and step >= validate_at:
+                # A validation with its files, summaries and checkpoint; the first one also traces
+                # the evaluation step and is not a measure of the others.
+                if self._validated:
+                    budget.record_validation(time.perf_counter() - events_started)
+                self._validated = True
             if stopped_early:
                 break
         summary = dict(self._best_summary())
@@ -359,31 +377,40 @@ class Trainer:
 
     # ----------------------------------------------------------------------- cadence
 
-    def _validation_interval(self):
+    def _next_validation(self, step):
+        """The step of the first validation after `step` (the end of the run validates too)."""
         config = self.config
-        if config.val_every:
-            return config.val_every
-        if config.epochs:
-            return self.steps_per_epoch
-        return max(1, math.ceil((self.total_steps or 1) / DEFAULT_VALIDATIONS))
+        if config.val_every or config.epochs:
+            interval = config.val_every or self.steps_per_epoch
+            return (step // interval + 1) * interval
+        # --iters / --time-budget: DEFAULT_VALIDATIONS evenly spread over the run; a budget run's
+        # end moves as it re-plans, and so do the points still to come (counted, so that a moved
+        # point never brings the next validation right after the last one).
+        done = self._validations_done(step)
+        return max(step + 1, math.ceil((done + 1) * self.total_steps / DEFAULT_VALIDATIONS))
 
-    def _checkpoint_interval(self):
-        return self.config.checkpoint_every or self._validation_interval()
+    def _validations_done(self, step):
+        if self._validation_count is None:  # at the start, or resumed at `step`
+            self._validation_count = step * DEFAULT_VALIDATIONS // max(self.total_steps, 1)
+        return self._validation_count
 
-    @staticmethod
-    def _next_multiple(step, interval):
-        return (step // interval + 1) * interval
+    def _next_checkpoint(self, step):
+        every = self.config.checkpoint_every
+        return (step // every + 1) * every if every else self._next_validation(step)
+
+    def _validations_left(self, step, total):
+        """Validations after `step` and before the end of a run of `total` steps."""
+        config = self.config
+        if config.val_every or config.epochs:
+            interval = config.val_every or self.steps_per_epoch
+            return max(0, (total - 1) // interval - step // interval)
+        return max(0, DEFAULT_VALIDATIONS - 1 - (self._validation_count or 0))
 
     def _replan(self, budget, step):
         """A time-budget run: the total step count that ends on time, and the schedule fitted to it."""
         estimate = self._validation_estimate(budget)
-        if self.total_steps is None and not self.config.val_every:
-            validations_left = DEFAULT_VALIDATIONS - 1
-        else:
-            guess = self.total_steps or budget.plan(step, 0, estimate)
-            interval = self._validation_interval()
-            validations_left = max(0, (guess - 1) // interval - step // interval)
-        total = max(step + 1, budget.plan(step, validations_left, estimate))
+        guess = self.total_steps or budget.plan(step, DEFAULT_VALIDATIONS - 1, estimate)
+        total = max(step + 1, budget.plan(step, self._validations_left(step, max(guess, step + 1)), estimate))
         # Re-fit the schedule only for a real change, not for every few milliseconds of noise.
         if self.total_steps is None or abs(total - self.total_steps) > max(1, 0.002 * self.total_steps):
             self.total_steps = total
@@ -398,7 +425,6 @@ class Trainer:
 
     def _validate_and_log(self, eval_step, step, loss, seconds, history, writer, budget):
         config = self.config
-        started = time.perf_counter()
         self.val_iou.reset_state()
         for batch in self.val_data:
             eval_step(batch)
@@ -417,6 +443,9 @@ class Trainer:
                 f"lr {row['learning_rate']:.2e}  ({seconds:.0f} s)")
         if "category_miou" in result:
             line += f"  category mIoU {result['category_miou']:.4f}"
+        if budget is not None:
+            minutes, seconds = divmod(int(self._spent_before + time.time() - self.started_at), 60)
+            line += f"  [{minutes}:{seconds:02d} of {config.time_budget:g} min]"
         if improved:
             self.best.assign(result["miou"])
             self.wait.assign(0)
@@ -434,20 +463,21 @@ class Trainer:
                 self.schedule.cut(config.plateau_factor)
                 line += f"  (no improvement in {int(self.wait.numpy())} validations: lr x{config.plateau_factor})"
         self.log(line)
-        if budget is not None and self._validated:  # the first one also traces the evaluation step
-            budget.record_validation(time.perf_counter() - started)  # with its files and summaries
-        self._validated = True
 
     def _save_checkpoint(self):
         # Seconds this run has spent, across resumes: before this process, and in it.
         self.elapsed.assign(self._spent_before + time.time() - self.started_at)
         self.manager.save(checkpoint_number=int(self.step.numpy()))
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Lets a person (and the multi-worker test) see that a resume restores this state.
+            self.log(f"checkpoint step {int(self.step.numpy())} weights fingerprint {weights_fingerprint(self.model)}")
 
     def _write_config(self):
         config = self.config
         if not self.chief:
             return
-        config.resolved = {"precision": self.precision, "strategy": distribute.strategy_name(self.strategy),
+        config.resolved = {"precision": self.precision, "precision_reason": self.precision_reason,
+                           "strategy": distribute.strategy_name(self.strategy),
                            "replicas": self.replicas, "global_batch_size": self.global_batch,
                            "examples_per_step": self.examples_per_step, "steps_per_epoch": self.steps_per_epoch,
                            "learning_rate": self.learning_rate, "total_steps": self.total_steps,

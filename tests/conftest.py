@@ -1,7 +1,8 @@
 """Test-session set-up shared by every test module.
 
-TensorFlow can split the host CPU into logical devices only before it initializes, so the two
-logical CPUs that the tf.distribute tests need are configured here, once, at collection time.
+TensorFlow can split the host CPU into logical devices only before it initializes, so the three
+logical CPUs that the tf.distribute tests need (2 or 3 replicas) are configured here, once, at
+collection time.
 """
 
 import os
@@ -15,7 +16,7 @@ import tensorflow as tf  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 3
 )
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -3,6 +3,7 @@ and what --precision auto decides."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,7 +89,8 @@ def test_resume_after_sigkill_continues_the_uninterrupted_run(pass_data, tmp_pat
     got = keras.saving.load_model(run / "last.keras", compile=False).get_weights()
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
-    assert whole.stdout.split("weights fingerprint ")[1][:16] == resumed.stdout.split("weights fingerprint ")[1][:16]
+    final = [re.findall(r"^weights fingerprint ([0-9a-f]{16})", out, re.M) for out in (whole.stdout, resumed.stdout)]
+    assert final[0] and final[0] == final[1]
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["provenance"]["command"].split(" -m ", 1)[1] == " ".join(killed_command).split(" -m ", 1)[1]
     assert len(recorded["provenance"]["resumes"]) == 1
@@ -195,9 +197,9 @@ def test_time_budget_ends_on_time_through_a_slowdown(tiny_data, tmp_path, monkey
     assert (tmp_path / "run" / "saved_model" / "run" / "1" / "saved_model.pb").is_file()
 
 
-def _fake_run(directory):
+def _fake_run(directory, recorded=None):
     (directory / "checkpoints").mkdir(parents=True)
-    (directory / "config.json").write_text("{}")
+    (directory / "config.json").write_text(json.dumps(recorded or {"resolved": {"total_steps": 10}}))
 
 
 @pytest.mark.parametrize("flag,value", [("--learning-rate", "0.1"), ("--batch-size", "2"), ("--seed", "3"),
@@ -212,10 +214,19 @@ def test_resume_refuses_a_flag_that_would_change_the_run(flag, value, tmp_path, 
     assert err.startswith(f"error: --resume continues {tmp_path / 'run'} as recorded: {flag} cannot change")
 
 
+def test_resume_refuses_a_run_of_an_earlier_version(tmp_path, capsys):
+    # earlier keras-seg: epoch checkpoints without a step counter, a config without a resolved length
+    _fake_run(tmp_path / "run", {"epochs": 21, "time_limit": 0, "resolved": {"steps_per_epoch": 334}})
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--output", str(tmp_path / "run"), "--resume"])
+    assert exit_info.value.code == 2
+    assert "was trained by an earlier keras-seg" in capsys.readouterr().err
+
+
 def test_resume_accepts_a_new_length(tmp_path):
     config = make_config(str(tmp_path), tmp_path / "run", "--iters", "10")
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "run" / "config.json").write_text(json.dumps(config.to_dict()))
+    config.resolved = {"total_steps": 10}
+    _fake_run(tmp_path / "run", config.to_dict())
     args = train_cli.build_parser().parse_args(["--output", str(tmp_path / "run"), "--resume", "--time-budget", "5"])
     resumed = train_cli.resumed_config(str(tmp_path / "run"), args, [])
     assert (resumed.iters, resumed.time_budget, resumed.learning_rate) == (0, 5.0, config.learning_rate)
@@ -224,8 +235,25 @@ def test_resume_accepts_a_new_length(tmp_path):
 @pytest.mark.parametrize("bf16,expected", [(True, "mixed_bfloat16"), (False, "float32")])
 def test_precision_auto_on_a_cpu(monkeypatch, bf16, expected):
     monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: bf16)
-    assert distribute.choose_precision("auto", on_gpu=False) == expected
-    assert distribute.choose_precision("float32", on_gpu=False) == "float32"
+    policy, why = distribute.choose_precision("auto", gpus=[])
+    assert policy == expected and "CPU" in why
+    assert distribute.choose_precision("float32", gpus=[])[0] == "float32"
+
+
+@pytest.mark.parametrize("capabilities,expected", [
+    ([(8, 0)], "mixed_bfloat16"), ([(9, 0), (9, 0)], "mixed_bfloat16"), ([(7, 5)], "mixed_float16"),
+    ([(7, 0)], "mixed_float16"), ([(6, 1)], "float32"), ([(8, 6), (7, 5)], "mixed_float16"),
+])
+def test_precision_auto_on_gpus_by_compute_capability(monkeypatch, capabilities, expected):
+    gpus = [f"GPU:{i}" for i in range(len(capabilities))]
+    details = dict(zip(gpus, capabilities))
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda gpu: {"device_name": "mock", "compute_capability": details[gpu]})
+    monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: True)  # a GPU decides, not the CPU
+    policy, why = distribute.choose_precision("auto", gpus=gpus)
+    assert policy == expected
+    major, minor = min(capabilities)
+    assert f"compute capability {major}.{minor}" in why
 
 
 def test_bfloat16_numerics_on_a_fixed_batch(tiny_data):  # noqa: F811
@@ -260,3 +288,44 @@ def test_bfloat16_numerics_on_a_fixed_batch(tiny_data):  # noqa: F811
     assert loss16 == pytest.approx(loss32, rel=0.01)
     cosine = float(g16 @ g32 / np.linalg.norm(g16) / np.linalg.norm(g32))
     assert cosine > 0.99, cosine
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_the_tool_writes_is_valid_json(tmp_path):
+    """NaN (a class absent from the data has no IoU) is written as null, which jq and browsers read."""
+    from keras_seg.files import write_json_atomically
+
+    write_json_atomically(tmp_path / "m.json", {"miou": np.float32(0.5), "per_class_iou": np.array([0.25, np.nan]),
+                                                "nested": {"x": float("inf")}})
+    assert _strict_json((tmp_path / "m.json").read_text()) == {"miou": 0.5, "per_class_iou": [0.25, None],
+                                                                "nested": {"x": None}}
+
+
+def test_a_new_length_on_resume_refits_the_schedule(tiny_data, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    config = make_config(tiny_data, run, "--iters", "6", "--val-every", "3", "--schedule", "linear",
+                         "--warmup-iters", "0", "--no-export")
+
+    def stop_at_step_3(line):
+        if line.startswith("step 3/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, log=stop_at_step_3).run()
+    args = train_cli.build_parser().parse_args(["--output", str(run), "--resume", "--iters", "12", "--no-progress"])
+    resumed = train_cli.resumed_config(str(run), args, [])
+    lines = []
+    trainer = Trainer(resumed, log=lines.append)
+    assert float(trainer.config.learning_rate) == config.learning_rate
+    trainer.run()
+    assert "the schedule now ends at step 12 (was 6)" in lines
+    assert int(trainer.step.numpy()) == 12
+    # linear from 1.0 at step 0: 0.5 at step 3 (of 6); then from 0.5 down to 0 over steps 3..12
+    assert float(trainer.schedule(3)) == pytest.approx(0.5 * config.learning_rate)
+    assert float(trainer.schedule(6)) == pytest.approx(0.5 * config.learning_rate * 6 / 9)
+    assert float(trainer.schedule(12)) == pytest.approx(0.0)

@@ -234,7 +234,9 @@ def test_extreme_float16_logits_give_finite_values_and_gradients(loss):
 
 
 def test_losses_are_scaled_for_tf_distribute(case):
-    """Summed over 2 replicas, each replica's value gives the mean of the per-replica losses."""
+    """Keras' path (`model.fit` under tf.distribute): each replica's value is its own part's loss
+    divided by the replica count, so their sum is the mean of the per-replica losses. The trainer
+    takes the global-batch loss instead (tests/test_replicas.py)."""
     labels, logits = case
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((labels, logits)).batch(2))

@@ -96,7 +96,7 @@ class FakeClock:
 
 def test_budget_plan_fills_the_time_left_and_follows_a_slowdown():
     clock = FakeClock()
-    budget = TimeBudget(deadline=1000.0, clock=clock, margin=0.0)
+    budget = TimeBudget(deadline=1000.0, clock=clock, margin=0.0, window=45.0)
     budget.record_save(1.0)
     budget.record_validation(5.0)
     clock.now = 100.0

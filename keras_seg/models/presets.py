@@ -6,8 +6,9 @@ A preset entry is a dict:
     "model": dict        "architecture" ("unet" or "fcn") and that builder's keyword arguments
     "input_size": tuple  (height, width) of the training images
 
-    "train": dict        training defaults (`keras_seg.train`): epochs, batch size, loss, ...; keys
-                         left out take `keras_seg.train.TRAINING_DEFAULTS`
+    "train": dict        training defaults (`keras_seg.train`): length (epochs, iters or
+                         time_budget), batch size, loss, ...; keys left out take the defaults
+                         of `keras_seg.config.TrainConfig`
     "demo": dict         overrides of "train" (and of "model" / "input_size" under "model" /
                          "image_size") when training on the built-in demo dataset (no --data)
 
@@ -75,10 +76,14 @@ PRESETS = {
             "stem_stride": 2,
         },
         "input_size": (128, 256),
-        # Sized for a 35-minute run on 2 CPU cores over the 2,975 Cityscapes pairs (31 min 50 s
-        # measured, README): CE + Dice with ENet class weights brings the rare classes in; a short
-        # schedule learns faster with mild augmentation (scale 0.9-1.25, no rotation).
-        "train": {"time_budget": 35, "batch_size": 8, "learning_rate": 2e-3, "warmup_epochs": 0.5, "loss": "ce+dice",
+        # A 35-minute time budget: the trainer measures the step on the machine at hand and sizes the
+        # run and its schedule to it (docs/training.md). Chosen on the 2,975 Cityscapes pairs on 2 CPU
+        # cores: CE + Dice with ENet class weights brings the rare classes in; a short schedule
+        # learns faster with mild augmentation (scale 0.9-1.25, no rotation). Linear-to-zero: the
+        # best mean of linear, cosine and poly at a 10-minute budget, two seeds each, though within
+        # the seeds' spread (docs/performance.md).
+        "train": {"time_budget": 35, "schedule": "linear", "batch_size": 8, "learning_rate": 2e-3,
+                  "warmup_epochs": 0.5, "loss": "ce+dice",
                   "class_weights": "enet", "cache": "memory", "patience": 0,
                   "augment": {"scale_range": (0.9, 1.25), "rotation_prob": 0.0}},
         "demo": {"image_size": (64, 128), "epochs": 12, "batch_size": 16, "patience": 0},

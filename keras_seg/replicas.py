@@ -1,0 +1,71 @@
+"""One update from all replicas: the global-batch loss, and gradients that agree before they are applied.
+
+N replicas (GPUs, workers) must train the model one device trains on the same global batch. Two
+things stand in the way when each replica follows Keras' defaults:
+
+* The loss. A segmentation loss is normalised by something the batch decides (the valid-pixel
+  count; Dice's per-class sums), and each replica would normalise by its own part. Here each
+  replica computes the loss's sums (`loss.statistics`), they are summed across replicas, and the
+  loss is computed once from the global sums (`loss.from_statistics`). The forward value is the
+  global one; the gradient flows through the replica's own sums only, so the replicas' gradients
+  add up to the gradient of the global loss.
+* The update. Keras 3's TensorFlow optimizer sums the gradients across replicas inside `apply`,
+  after it has clipped them, and `LossScaleOptimizer` decides finite / not finite from the first
+  replica's gradients before that sum. So clipping would be per replica, and an overflow on
+  another replica would be applied. Here the gradients are summed first (every replica then holds
+  the global gradient), clipped by the global norm, and handed to the optimizer divided by the
+  replica count: its own sum across replicas gives back the global gradient, and its finite check
+  and loss-scale update see the same gradients on every replica. The optimizer has no public way to
+  skip its sum, and calling its private update step would tie us to one Keras version; the price
+  is a second all-reduce of the gradients (checked with Keras 3.15).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+def _replicas():
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def sum_over_replicas(values):
+    """`values` (a nest of tensors) summed over the replicas, in a replica context; unchanged alone."""
+    if _replicas() == 1:
+        return values
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def global_batch_loss(loss, y_true, y_pred):
+    """The loss over the global batch (every replica's part), differentiable in this replica's part.
+
+    `loss` is a keras_seg loss with `statistics` / `from_statistics` (`keras_seg.losses`).
+    """
+    local = loss.statistics(y_true, y_pred)
+    total = sum_over_replicas(local)
+    stats = tf.nest.map_structure(lambda mine, everyone: mine + tf.stop_gradient(everyone - mine), local, total)
+    return loss.from_statistics(stats)
+
+
+def apply_global_gradients(optimizer, grads, variables, clipnorm=None):
+    """Sum `grads` over the replicas, clip by their global norm, and apply them once.
+
+    Args:
+        optimizer: a Keras optimizer without clipping of its own (or a `LossScaleOptimizer` around one).
+        grads: this replica's gradients of the global-batch loss (scaled by the loss scale under
+            a `LossScaleOptimizer`).
+        variables: the variables to update.
+        clipnorm: float or None: clip the global gradient's norm to this (unscaled).
+    """
+    replicas = _replicas()
+    grads = sum_over_replicas(list(grads))
+    if clipnorm:
+        scale = optimizer.dynamic_scale if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else 1.0
+        # A non-finite norm makes every gradient NaN: a loss-scaled step is then skipped as a whole.
+        clipped, _ = tf.clip_by_global_norm([g / scale for g in grads], clipnorm)
+        grads = [g * scale for g in clipped]
+    if replicas > 1:
+        grads = [g / replicas for g in grads]  # the optimizer's own all-reduce sums them back
+    optimizer.apply(grads, variables)

@@ -1,0 +1,125 @@
+"""keras_seg.replicas on 2 logical CPUs: one update from all replicas, checked against hand-computed
+values and against one device."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_seg import losses
+from keras_seg.replicas import apply_global_gradients, global_batch_loss
+
+
+@pytest.fixture(scope="module")
+def strategy():
+    # One strategy for the module: strategies made one after the other in a process number their
+    # collective operations alike, and a clash of shapes aborts them.
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def per_replica_values(strategy, variable):
+    return [v.numpy() for v in strategy.experimental_local_results(variable)]
+
+
+def test_clipping_uses_the_norm_of_the_summed_gradient(strategy):
+    """Replica gradients [3, 0] and [0, 4] sum to [3, 4] (norm 5); clipped to norm 1: [0.6, 0.8].
+    Clipping each replica's part first would give [1, 0] + [0, 1] = [1, 1]."""
+    with strategy.scope():
+        weights = keras.Variable([0.0, 0.0])
+        optimizer = keras.optimizers.SGD(learning_rate=1.0)
+        optimizer.build([weights])
+
+    @tf.function
+    def step():
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            grad = tf.where(tf.equal(replica, 0), tf.constant([3.0, 0.0]), tf.constant([0.0, 4.0]))
+            apply_global_gradients(optimizer, [grad], [weights], clipnorm=1.0)
+        strategy.run(replica_fn)
+
+    step()
+    for values in per_replica_values(strategy, weights):
+        np.testing.assert_allclose(values, [-0.6, -0.8], rtol=1e-6)
+
+
+def test_an_overflow_on_one_replica_skips_the_step_on_all(strategy):
+    """mixed_float16 loss scaling: an inf gradient on replica 1 only. The step is skipped everywhere,
+    the loss scale halves, and the weights stay finite and equal on both replicas."""
+    with strategy.scope():
+        weights = keras.Variable([1.0, 1.0])
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(learning_rate=0.1))
+        optimizer.build([weights])
+    scale = float(optimizer.dynamic_scale.numpy())
+
+    @tf.function
+    def step(overflow):
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            bad = tf.logical_and(overflow, tf.equal(replica, 1))
+            grad = tf.where(bad, tf.constant([np.inf, 1.0]), tf.constant([1.0, 1.0])) * scale
+            apply_global_gradients(optimizer, [grad], [weights], clipnorm=1.0)
+        strategy.run(replica_fn)
+
+    step(tf.constant(True))
+    assert float(optimizer.dynamic_scale.numpy()) == scale / 2
+    assert int(optimizer.iterations.numpy()) == 0
+    for values in per_replica_values(strategy, weights):
+        np.testing.assert_array_equal(values, [1.0, 1.0])
+    step(tf.constant(False))  # a finite step is applied, once: the summed [2, 2] clipped to norm 1
+    for values in per_replica_values(strategy, weights):
+        np.testing.assert_allclose(values, [1.0 - 0.1 / np.sqrt(2)] * 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["ce", "focal", "dice", "ce+dice"])
+def test_the_loss_on_two_replicas_is_the_global_batch_loss(strategy, spec):
+    """Two images split over two replicas, with very different valid-pixel counts: the loss and its
+    summed gradients equal those of the whole batch on one device."""
+    rng = np.random.default_rng(0)
+    masks = rng.integers(0, 3, size=(2, 8, 8)).astype(np.uint8)
+    masks[0, :7] = 255  # image 0 keeps one row of valid pixels, image 1 all 64
+    logits = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    loss_fn = losses.build_loss(spec, num_classes=3, class_weights=[1.0, 2.0, 0.5])
+
+    variable = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        expected = loss_fn(masks, variable)
+    expected_grad = tape.gradient(expected, variable).numpy()
+
+    @tf.function
+    def on_replicas():
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            part = tf.gather(logits, [replica])
+            with tf.GradientTape() as tape:
+                tape.watch(part)
+                value = global_batch_loss(loss_fn, tf.gather(masks, [replica]), part)
+            return value, tape.gradient(value, part)
+        return strategy.run(replica_fn)
+
+    values, grads = on_replicas()
+    values = [v.numpy() for v in strategy.experimental_local_results(values)]
+    grads = np.concatenate([g.numpy() for g in strategy.experimental_local_results(grads)])
+    assert values[0] == pytest.approx(float(expected), rel=1e-5) and values[1] == pytest.approx(values[0], rel=1e-6)
+    np.testing.assert_allclose(grads, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_dice_of_two_one_class_images_is_taken_over_the_global_batch(strategy):
+    """The issue's example: two images, each all one class (0 and 1), predicted at p = 0.9. Over the
+    global batch each class's Dice is 2*0.9n / (n + n) = 0.9 (n pixels of the class, probability
+    mass 0.9n + 0.1n on it): loss about 0.10. Per replica, each image's absent class scores ~0 and
+    the mean is ~0.53."""
+    masks = np.stack([np.zeros((4, 4), np.uint8), np.ones((4, 4), np.uint8)])
+    probs = np.where(masks[..., None] == np.arange(2), 0.9, 0.1)
+    logits = np.log(probs).astype(np.float32)
+    dice = losses.DiceLoss(smooth=1e-6)
+
+    @tf.function
+    def on_replicas():
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return global_batch_loss(dice, tf.gather(masks, [replica]), tf.gather(logits, [replica]))
+        return strategy.run(replica_fn)
+
+    values = [float(v) for v in strategy.experimental_local_results(on_replicas())]
+    # class c: intersection 0.9 * 16, cardinality (0.9 * 16 + 0.1 * 16) + 16 = 32 -> dice 0.9
+    assert values == pytest.approx([0.1, 0.1], abs=1e-5)
