@@ -174,32 +174,17 @@ def _free_port():
 
 @pytest.mark.slow
 def test_multiworker_two_local_processes_agree(tiny_data, tmp_path):
-    ports = [_free_port(), _free_port()]
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    processes = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                   PYTHONPATH=REPO)
-        command = [sys.executable, "-m", "keras_seg.train", "--preset", "unet_small", "--data", tiny_data,
-                   "--output", str(tmp_path / "run"), "--no-progress", "--image-size", "64x128",
-                   "--model-arg", "depth=3", "--model-arg", "base_filters=8", "--batch-size", "2",
-                   "--precision", "float32", "--strategy", "multiworker", "--iters", "2"]
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True))
-    outputs = []
-    for process in processes:
-        try:
-            out, _ = process.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-        outputs.append(out)
-        assert process.returncode == 0, out[-3000:]
+    logs = [tmp_path / "chief.log", tmp_path / "worker.log"]
+    processes = _start_workers(tiny_data, tmp_path / "run", logs, "--iters", "2")
+    try:
+        for process, log in zip(processes, logs):
+            assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        _kill_all(processes)
+    outputs = [log.read_text() for log in logs]
     assert "strategy multiworker x2 replicas" in outputs[0], outputs[0][-3000:]
-    fingerprints = [re.search(r"weights fingerprint ([0-9a-f]{16})", out) for out in outputs]
-    assert all(fingerprints), outputs[0][-2000:]
-    assert fingerprints[0][1] == fingerprints[1][1]
+    fingerprints = [re.findall(r"^weights fingerprint ([0-9a-f]{16})", out, re.M) for out in outputs]
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1], outputs[0][-2000:]
     # only the chief wrote the run directory
     assert (tmp_path / "run" / "best.keras").is_file()
 
@@ -238,7 +223,8 @@ def test_command_line_error_exit_code(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def _start_workers(tiny_data, run, extra, logs):
+def _start_workers(tiny_data, run, logs, *extra):
+    """Two local workers of one MultiWorkerMirroredStrategy run, each in a process group of its own."""
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = []
@@ -248,8 +234,7 @@ def _start_workers(tiny_data, run, extra, logs):
         command = [sys.executable, "-m", "keras_seg.train", "--preset", "unet_small", "--data", tiny_data,
                    "--output", str(run), "--no-progress", "--no-export", "--image-size", "64x128",
                    "--model-arg", "depth=3", "--model-arg", "base_filters=8", "--batch-size", "2",
-                   "--precision", "float32", "--strategy", "multiworker", "--iters", "24", "--checkpoint-every", "4",
-                   "--val-every", "12", "--steps-per-call", "1", *extra]
+                   "--precision", "float32", "--strategy", "multiworker", *extra]
         log = open(logs[index], "w")
         processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                                           start_new_session=True))
@@ -270,7 +255,8 @@ def test_multiworker_run_resumes_after_a_worker_is_killed(tiny_data, tmp_path):
     same step, the same weights as that checkpoint's, and the same weights at the end."""
     run = tmp_path / "run"
     logs = [tmp_path / "chief.log", tmp_path / "worker.log"]
-    processes = _start_workers(tiny_data, run, [], logs)
+    cadence = ["--iters", "24", "--checkpoint-every", "4", "--val-every", "12", "--steps-per-call", "1"]
+    processes = _start_workers(tiny_data, run, logs, *cadence)
     try:
         deadline = time.time() + 240
         while int((tf.train.latest_checkpoint(str(run / "checkpoints")) or "-0").rsplit("-", 1)[1]) < 8:
@@ -290,7 +276,7 @@ def test_multiworker_run_resumes_after_a_worker_is_killed(tiny_data, tmp_path):
     assert saved, logs[0].read_text()[-3000:]
 
     logs = [tmp_path / "chief2.log", tmp_path / "worker2.log"]
-    processes = _start_workers(tiny_data, run, ["--resume"], logs)
+    processes = _start_workers(tiny_data, run, logs, *cadence, "--resume")
     try:
         for process, log in zip(processes, logs):
             assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
