@@ -174,14 +174,8 @@ def _free_port():
 
 @pytest.mark.slow
 def test_multiworker_two_local_processes_agree(tiny_data, tmp_path):
-    logs = [tmp_path / "chief.log", tmp_path / "worker.log"]
-    processes = _start_workers(tiny_data, tmp_path / "run", logs, "--iters", "2")
-    try:
-        for process, log in zip(processes, logs):
-            assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
-    finally:
-        _kill_all(processes)
-    outputs = [log.read_text() for log in logs]
+    outputs = _run_workers(tiny_data, tmp_path / "run", [tmp_path / "chief.log", tmp_path / "worker.log"],
+                           "--iters", "2")
     assert "strategy multiworker x2 replicas" in outputs[0], outputs[0][-3000:]
     fingerprints = [re.findall(r"^weights fingerprint ([0-9a-f]{16})", out, re.M) for out in outputs]
     assert fingerprints[0] and fingerprints[0] == fingerprints[1], outputs[0][-2000:]
@@ -241,6 +235,17 @@ def _start_workers(tiny_data, run, logs, *extra):
     return processes
 
 
+def _run_workers(tiny_data, run, logs, *extra):
+    """`_start_workers`, waited for (each must succeed within 240 s); returns their outputs."""
+    processes = _start_workers(tiny_data, run, logs, *extra)
+    try:
+        for process, log in zip(processes, logs):
+            assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        _kill_all(processes)
+    return [log.read_text() for log in logs]
+
+
 def _kill_all(processes):
     for process in processes:
         if process.poll() is None:
@@ -275,14 +280,7 @@ def test_multiworker_run_resumes_after_a_worker_is_killed(tiny_data, tmp_path):
     saved = re.findall(rf"checkpoint step {step} weights fingerprint ([0-9a-f]{{16}})", logs[0].read_text())
     assert saved, logs[0].read_text()[-3000:]
 
-    logs = [tmp_path / "chief2.log", tmp_path / "worker2.log"]
-    processes = _start_workers(tiny_data, run, logs, *cadence, "--resume")
-    try:
-        for process, log in zip(processes, logs):
-            assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
-    finally:
-        _kill_all(processes)
-    outputs = [log.read_text() for log in logs]
+    outputs = _run_workers(tiny_data, run, [tmp_path / "chief2.log", tmp_path / "worker2.log"], *cadence, "--resume")
     for out in outputs:
         restored = re.search(r"resuming \S+ at step (\d+) \(.*weights fingerprint ([0-9a-f]{16})\)", out)
         assert restored, out[-3000:]
