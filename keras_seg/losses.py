@@ -135,8 +135,25 @@ class _SegmentationLoss(keras.losses.Loss):
         return {**super().get_config(), "class_weights": weights, "ignore_index": self.ignore_index}
 
 
+class _PerPixelLoss(_SegmentationLoss):
+    """A loss that is a per-pixel value (`_pixel_losses`) averaged over the valid pixels."""
+
+    def _pixel_losses(self, y_true, y_pred):
+        raise NotImplementedError
+
+    def call(self, y_true, y_pred):
+        return _per_valid_pixel(*self._pixel_losses(y_true, y_pred))
+
+    def statistics(self, y_true, y_pred):
+        losses, valid = self._pixel_losses(y_true, y_pred)
+        return {"sum": ops.sum(losses * valid), "count": ops.sum(valid)}
+
+    def from_statistics(self, stats):
+        return ops.divide_no_nan(stats["sum"], stats["count"])
+
+
 @keras.saving.register_keras_serializable(package="keras_seg")
-class CrossEntropyLoss(_SegmentationLoss):
+class CrossEntropyLoss(_PerPixelLoss):
     """Cross-entropy from logits, optionally class-weighted, averaged over the valid pixels.
 
     The weighted sum is divided by the number of valid pixels (not by the sum of their weights,
@@ -158,19 +175,9 @@ class CrossEntropyLoss(_SegmentationLoss):
         nll = ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         return nll * self._pixel_weights(labels), valid
 
-    def call(self, y_true, y_pred):
-        return _per_valid_pixel(*self._pixel_losses(y_true, y_pred))
-
-    def statistics(self, y_true, y_pred):
-        losses, valid = self._pixel_losses(y_true, y_pred)
-        return {"sum": ops.sum(losses * valid), "count": ops.sum(valid)}
-
-    def from_statistics(self, stats):
-        return ops.divide_no_nan(stats["sum"], stats["count"])
-
 
 @keras.saving.register_keras_serializable(package="keras_seg")
-class FocalLoss(_SegmentationLoss):
+class FocalLoss(_PerPixelLoss):
     """Focal loss `-w_c (1 - p_t)^gamma log p_t` (Lin et al. 2017), averaged over the valid pixels.
 
     Args:
@@ -193,10 +200,6 @@ class FocalLoss(_SegmentationLoss):
         # The floor keeps the gradient of (1 - p_t)^gamma finite at p_t = 1 when gamma < 1.
         modulation = ops.power(ops.maximum(1.0 - ops.exp(log_pt), 1e-12), self.gamma)
         return -modulation * log_pt * self._pixel_weights(labels), valid
-
-    call = CrossEntropyLoss.call
-    statistics = CrossEntropyLoss.statistics
-    from_statistics = CrossEntropyLoss.from_statistics
 
     def get_config(self):
         return {**super().get_config(), "gamma": self.gamma}
