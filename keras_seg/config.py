@@ -14,7 +14,8 @@ from typing import Optional
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly", "linear", "plateau")
-RESIZE_MODES = ("resize", "crop", "fit")
+RESIZE_MODES = ("resize", "crop", "fit", "scale_crop")
+INFERENCE_MODES = ("whole", "slide")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
 CLASS_WEIGHT_METHODS = ("none", "inverse", "median", "enet")
@@ -39,6 +40,12 @@ class TrainConfig:
     data: Optional[str] = None
     demo: bool = False
     resize_mode: str = "resize"
+    base_scale: Optional[list] = None  # scale_crop: [H, W] the random ratios multiply (MMSeg's `scale`, as HxW)
+    ratio_range: list = dataclasses.field(default_factory=lambda: [0.5, 2.0])  # scale_crop
+    cat_max_ratio: float = 1.0  # scale_crop: < 1 retries crops dominated by one class (MMSeg's RandomCrop)
+    inference_mode: Optional[str] = None  # scale_crop: "slide" (default) or "whole" at base_scale
+    inference_overlap: float = 1 / 3
+    inference: dict = dataclasses.field(default_factory=dict)  # the contract, derived (keras_seg.contract)
     cache: Optional[str] = None
     encoder_weights: Optional[str] = None
     # --- length: exactly one of iters, epochs, time_budget is non-zero
@@ -189,6 +196,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--image-size {height}x{width}: both sides must be positive multiples of {stride}, "
                           f"the stride of this {config.model.get('architecture')} model")
     _check_model_args(config.model)
+    _check_sizing(config, stride)
 
     from keras_seg import losses
     from keras_seg.augment import AugmentConfig
@@ -197,6 +205,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         config.augment = AugmentConfig.from_dict(config.augment).to_dict()  # every setting spelled out
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--augment: {err}") from err
+    if config.resize_mode == "scale_crop" and config.augment["scale_prob"] > 0:
+        raise ConfigError("--resize-mode scale_crop draws the scale in the reader (--ratio-range): the on-device "
+                          "scale must be off (--augment scale_prob=0)")
     try:
         losses.parse_loss_spec(config.loss)
     except ValueError as err:
@@ -209,6 +220,39 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--class-weights: expected {', '.join(CLASS_WEIGHT_METHODS)} or numbers, got "
                               f"{weights!r}") from err
     return config
+
+
+def _check_sizing(config: TrainConfig, stride: int):
+    """The reader's sizing options, and the inference contract they imply (`config.inference`)."""
+    from keras_seg import contract
+
+    if config.inference_mode is not None:
+        _check_choice("inference_mode", config.inference_mode, INFERENCE_MODES)
+    _check_number(config, "inference_overlap", 0)
+    if config.inference_overlap >= 1:
+        raise ConfigError(f"--inference-overlap must be < 1, got {config.inference_overlap}")
+    if config.resize_mode != "scale_crop":
+        if config.base_scale is not None or config.inference_mode is not None:
+            raise ConfigError("--base-scale and --inference-mode apply to --resize-mode scale_crop only")
+    else:
+        if not isinstance(config.base_scale, (list, tuple)) or len(config.base_scale) != 2:
+            raise ConfigError("--resize-mode scale_crop needs --base-scale HxW (e.g. 1024x2048 for Cityscapes, "
+                              "512x2048 for VOC), the size the random ratios multiply")
+        config.base_scale = [int(v) for v in config.base_scale]
+        if min(config.base_scale) < 1:
+            raise ConfigError(f"--base-scale must be positive, got {config.base_scale}")
+        if config.inference_mode == "whole" and any(v % stride for v in config.base_scale):
+            raise ConfigError(f"--inference-mode whole runs the model at --base-scale {config.base_scale[0]}x"
+                              f"{config.base_scale[1]}: both sides must be multiples of {stride}")
+        low, high = (float(v) for v in config.ratio_range)
+        if not 0 < low <= high:
+            raise ConfigError(f"--ratio-range must be LOW,HIGH with 0 < LOW <= HIGH, got {config.ratio_range}")
+        config.ratio_range = [low, high]
+        _check_number(config, "cat_max_ratio", 0, above=True)
+        if config.cat_max_ratio > 1:
+            raise ConfigError(f"--cat-max-ratio must be in (0, 1] (1: off), got {config.cat_max_ratio}")
+    config.inference = contract.for_training(config.resize_mode, config.image_size, config.base_scale,
+                                             config.inference_mode, config.inference_overlap).to_dict()
 
 
 def _check_model_args(model: dict):

@@ -5,14 +5,16 @@ Two layers, after TF Model Garden's decoder / parser split:
 * decoding: `decode_record` turns one serialized record into (image uint8 [H, W, 3],
   mask uint8 [H, W]); it knows the record format (`keras_seg.tfrecord`) and nothing else.
 * sizing: `resize_example`, `crop_or_pad_example`, `fit_example` bring a decoded example to a
-  fixed size. Masks are only ever resampled with nearest neighbour, and padding in a mask is the
-  ignore index, never a class.
+  fixed size; `random_scale_crop_example` rescales the whole example by a random ratio of a base
+  scale and crops it (MMSegmentation's RandomResize + RandomCrop). Masks are only ever resampled
+  with nearest neighbour, and padding in a mask is the ignore index, never a class.
 
 `build_dataset` assembles them: shards -> parallel interleave -> (shuffle) -> parallel decode and
 sizing -> (cache) -> (repeat) -> batch -> prefetch. Batches are `(images, masks)`: images float32
 in [0, 1], [B, H, W, 3]; masks uint8 [B, H, W] with class indices and the ignore index (255).
-Random scaling and the other augmentations are not done here: they run on the accelerator, on
-whole batches, in `keras_seg.augment`.
+Random rescaling of the whole image ("scale_crop") is done here, where the whole image is; flips,
+rotation, photometric changes, blur and occlusion run on the accelerator, on whole batches, in
+`keras_seg.augment` (whose own scale is for the other modes).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import tensorflow as tf
 from keras_seg import tfrecord
 from keras_seg.labels import IGNORE_INDEX
 
-RESIZE_MODES = ("resize", "crop", "fit")
+RESIZE_MODES = ("resize", "crop", "fit", "scale_crop")
+CROP_ATTEMPTS = 10  # MMSegmentation's RandomCrop tries this many crops against cat_max_ratio
 
 _READ_BUFFER_BYTES = 8 * 1024 * 1024
 
@@ -113,13 +116,70 @@ def crop_or_pad_example(image, mask, size, ignore_index=IGNORE_INDEX, seed=None)
     image, mask = _pad_to_at_least(image, mask, size, ignore_index)
     shape = tf.shape(image)
     room = tf.stack([shape[0] - size[0], shape[1] - size[1]])
-    if seed is None:
-        offset = room // 2
-    else:
-        offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed) * tf.cast(room + 1, tf.float32)), tf.int32)
-        offset = tf.minimum(offset, room)
+    offset = room // 2 if seed is None else _crop_offset(room, seed)
     image = image[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]]
     mask = mask[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]]
+    return tf.ensure_shape(image, [*size, 3]), tf.ensure_shape(mask, list(size))
+
+
+def _crop_offset(room, seed):
+    offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed) * tf.cast(room + 1, tf.float32)), tf.int32)
+    return tf.minimum(offset, room)
+
+
+def _crop_is_varied(mask, ignore_index, cat_max_ratio):
+    """MMSegmentation's cat_max_ratio test: more than one class, and none over that share of the labelled pixels."""
+    counts = tf.math.bincount(tf.reshape(tf.cast(mask, tf.int32), [-1]), minlength=256, maxlength=256)
+    counts = tf.tensor_scatter_nd_update(counts, [[ignore_index]], [0])
+    classes = tf.reduce_sum(tf.cast(counts > 0, tf.int32))
+    return tf.logical_and(classes > 1, tf.cast(tf.reduce_max(counts), tf.float32)
+                          < cat_max_ratio * tf.cast(tf.reduce_sum(counts), tf.float32))
+
+
+def random_scale_crop_example(image, mask, size, base_scale, ratio_range, seed, ignore_index=IGNORE_INDEX,
+                              cat_max_ratio=1.0):
+    """Rescale the whole example by a random ratio of `base_scale` (aspect kept), then crop `size` at random.
+
+    As MMSegmentation's RandomResize(scale, ratio_range, keep_ratio=True) + RandomCrop(cat_max_ratio):
+    the ratio r is drawn uniformly from `ratio_range`; the example is resized (image bilinear,
+    antialiased; mask nearest) so that its long side is at most max(base_scale) x r and its short
+    side at most min(base_scale) x r; it is padded to at least `size` (image 0, mask ignore) and
+    cropped. With `cat_max_ratio` < 1, up to 10 crops are drawn until one holds more than one class
+    and no class over that share of its labelled pixels (else the last is kept).
+
+    Args:
+        image: uint8 [H, W, 3]; mask: uint8 [H, W].
+        size: (height, width) of the crop.
+        base_scale: (height, width) the ratios multiply.
+        ratio_range: (low, high).
+        seed: int [2] tensor; the result is a function of it.
+    """
+    from keras_seg.contract import keep_ratio_size
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), CROP_ATTEMPTS + 1, alg="philox")
+    low, high = (float(v) for v in ratio_range)
+    ratio = low + tf.random.stateless_uniform([], seeds[0]) * (high - low)
+    shape = tf.shape(image)
+    image, mask = _resize(image, mask, keep_ratio_size(shape[0], shape[1], base_scale, ratio))
+    image, mask = _pad_to_at_least(image, mask, size, ignore_index)
+    shape = tf.shape(image)
+    room = tf.stack([shape[0] - size[0], shape[1] - size[1]])
+
+    def crop(offset):
+        return (image[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]],
+                mask[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]])
+
+    offset = _crop_offset(room, seeds[1])
+    if cat_max_ratio < 1.0:
+        def next_attempt(attempt, offset):
+            return attempt + 1, _crop_offset(room, tf.gather(seeds, attempt + 1))
+
+        def keep_trying(attempt, offset):
+            return tf.logical_and(attempt < CROP_ATTEMPTS - 1,
+                                  tf.logical_not(_crop_is_varied(crop(offset)[1], ignore_index, cat_max_ratio)))
+
+        _, offset = tf.while_loop(keep_trying, next_attempt, (tf.constant(0), offset))
+    image, mask = crop(offset)
     return tf.ensure_shape(image, [*size, 3]), tf.ensure_shape(mask, list(size))
 
 
@@ -160,7 +220,10 @@ def _shard_paths(data_dir, split, info):
 def _cache_path(prefix, split, image_size, resize_mode, training, pipeline_id, num_pipelines):
     """A cache file per split, sizing and input pipeline: one prefix serves train and val alike,
     and a changed image_size or resize_mode never reads the examples cached for another."""
-    size = "full" if image_size is None else f"{image_size[0]}x{image_size[1]}-{resize_mode}"
+    if image_size is None or (training and resize_mode == "scale_crop"):
+        size = "full"  # the decoded originals (scale_crop resizes and crops after the cache)
+    else:
+        size = f"{image_size[0]}x{image_size[1]}-{resize_mode}"
     name = f"{split}-{size}-{'train' if training else 'eval'}-{pipeline_id}of{num_pipelines}"
     return f"{os.fspath(prefix)}-{name}"
 
@@ -298,6 +361,9 @@ def build_dataset(
     batch_size,
     image_size=None,
     resize_mode="resize",
+    base_scale=None,
+    ratio_range=(0.5, 2.0),
+    cat_max_ratio=1.0,
     shuffle_seed=None,
     shuffle_buffer=512,
     cache=None,
@@ -323,13 +389,19 @@ def build_dataset(
             "resize" stretches it (image bilinear, mask nearest);
             "crop" pads it to at least `image_size` (mask: ignore), then crops (random when
             training, centred otherwise);
-            "fit" keeps the aspect, scaling it to fit inside `image_size`, and pads the rest.
+            "fit" keeps the aspect, scaling it to fit inside `image_size`, and pads the rest;
+            "scale_crop" (training) rescales the whole example by a random ratio of `base_scale`
+            and crops `image_size` at random (`random_scale_crop_example`); when not training, it
+            rescales to `base_scale` (aspect kept) and crops the centre.
+        base_scale, ratio_range, cat_max_ratio: "scale_crop"'s (see `random_scale_crop_example`).
         shuffle_seed: seed of the shard and example shuffles and of random crops (None: random).
         shuffle_buffer: examples in the shuffle buffer (records before decoding; decoded examples
             when cached).
         cache: None, "memory", or a file path prefix: keep the decoded, sized examples (uint8) after
-            the first pass, so later epochs skip reading and decoding. The file name adds the
-            split, the sizing and the input pipeline to the prefix, so one prefix serves all.
+            the first pass, so later epochs skip reading and decoding ("scale_crop" training:
+            the decoded examples at their original size; the random rescale and crop come after
+            the cache). The file name adds the split, the sizing and the input pipeline to the
+            prefix, so one prefix serves all.
         repeat: repeat indefinitely (reshuffled each epoch).
         drop_remainder: drop a last partial batch; default: `training` (fixed shapes for XLA).
         input_context: `tf.distribute.InputContext`, as passed by
@@ -363,6 +435,14 @@ def build_dataset(
         image_size = tuple(int(v) for v in image_size)
         if len(image_size) != 2 or min(image_size) < 1:
             raise ValueError(f"image_size must be (height, width), got {image_size}")
+    if resize_mode == "scale_crop":
+        if base_scale is None or len(base_scale) != 2 or min(base_scale) < 1:
+            raise ValueError(f"resize_mode 'scale_crop' needs base_scale=(height, width), got {base_scale}")
+        base_scale = tuple(int(v) for v in base_scale)
+        if not 0.0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {ratio_range}")
+        if not 0.0 < cat_max_ratio <= 1.0:
+            raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if cache not in (None, "memory") and not isinstance(cache, (str, os.PathLike)):
@@ -402,6 +482,14 @@ def build_dataset(
             return resize_example(image, mask, image_size)
         if resize_mode == "fit":
             return fit_example(image, mask, image_size, ignore_index)
+        if resize_mode == "scale_crop":
+            if training:  # rescaled and cropped at random after the cache
+                return image, mask
+            shape = tf.shape(image)
+            from keras_seg.contract import keep_ratio_size
+
+            image, mask = _resize(image, mask, keep_ratio_size(shape[0], shape[1], base_scale))
+            return crop_or_pad_example(image, mask, image_size, ignore_index)
         if training:  # "crop": padded here, randomly cropped after the cache
             return _pad_to_at_least(image, mask, image_size, ignore_index)
         return crop_or_pad_example(image, mask, image_size, ignore_index)
@@ -427,11 +515,14 @@ def build_dataset(
     def to_float(image, mask):
         return tf.cast(image, tf.float32) / 255.0, mask
 
-    if training and resize_mode == "crop":
-        # Stateless crops keyed by the example's position in the stream: reproducible, and
-        # different in every epoch.
+    if training and resize_mode in ("crop", "scale_crop"):
+        # Stateless crops keyed by the example's position in the stream: reproducible, different
+        # in every epoch, and the same again in a resumed run.
         def random_crop(index, example):
             crop_seed = tf.stack([tf.constant(seed + 2, tf.int64), index])
+            if resize_mode == "scale_crop":
+                return to_float(*random_scale_crop_example(*example, image_size, base_scale, ratio_range, crop_seed,
+                                                           ignore_index, cat_max_ratio))
             return to_float(*crop_or_pad_example(*example, image_size, ignore_index, seed=crop_seed))
 
         ds = ds.enumerate(start=start_example).map(random_crop, num_parallel_calls=num_parallel_calls,

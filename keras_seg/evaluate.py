@@ -1,17 +1,17 @@
 """Evaluate a run or an exported SavedModel on a converted split.
 
-    python -m keras_seg.evaluate --model RUN_OR_SAVEDMODEL --data DIR [--split val] [--full-res] [--flip]
+    python -m keras_seg.evaluate --model RUN_OR_SAVEDMODEL --data DIR [--split val] [--flip | --tta]
 
 One confusion matrix over the whole split (ground-truth 255 not counted) gives mIoU, per-class
 IoU / accuracy / Dice, pixel accuracy, mean Dice and, for Cityscapes trainIds, the 7-category
 mIoU. They are printed, and written with the matrix as `metrics.json`, `per_class_iou.txt` and
 `confusion_matrix.png` to `--output` (default for a run: `RUN/evaluation/SPLIT-MODE`).
 
-Modes:
-* default: at the model's input size, images resized as in training and masks nearest-neighbour
-  (the number training's validation reports);
-* `--full-res`: at the original resolution, by sliding windows (`--tile`, `--overlap`), or with
-  `--inference resize` by predicting at the input size and resizing the probabilities back.
+Every image is inferred whole, at its original resolution, by the model's inference contract
+(`keras_seg.contract`: the scale it was trained at, whole image or sliding windows), and scored
+there: by default the number training's validation reports. `--inference`, `--tile` and
+`--overlap` change the contract; `--flip` averages with the mirror image; `--tta` averages over
+the scale ratios 0.5-1.75 and flips, as MMSegmentation's `--tta`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import time
 import numpy as np
 
 OUTPUT_NAMES = ("metrics.json", "per_class_iou.txt", "confusion_matrix.png")
+RETIRED_FLAGS = {"--full-res": "--full-res is gone: evaluation is always at the original resolution now, by the "
+                               "model's inference contract (--inference slide|whole to change it)"}
 
 
 class EvaluationError(ValueError):
@@ -39,27 +41,58 @@ def parse_size(text: str) -> tuple:
     return int(match[1]), int(match[2])
 
 
-def add_inference_arguments(parser, batch_help):
-    """--tile, --overlap, --flip and --batch-size, shared with keras_seg.predict."""
+def parse_scales(text: str) -> tuple:
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ratios such as 0.5,1.0,1.5, got {text!r}") from None
+    if not scales or min(scales) <= 0:
+        raise argparse.ArgumentTypeError(f"scale ratios must be positive, got {text!r}")
+    return scales
+
+
+def add_inference_arguments(parser):
+    """--inference, --tile, --overlap, --flip and --batch-size, shared with keras_seg.predict."""
+    parser.add_argument("--inference", choices=("whole", "slide"),
+                        help="change the model's inference contract: the whole rescaled image at once, or sliding "
+                             "windows (default: the contract recorded with the model)")
     parser.add_argument("--tile", type=parse_size, metavar="HxW",
-                        help="sliding-window tile (default: the model's input size; others are resized to it)")
+                        help="sliding-window size, the model's input (a run directory's model is rebuilt for it; an "
+                             "export takes its own size only)")
     parser.add_argument("--overlap", type=float,
-                        help="share of a sliding-window tile its neighbour covers again, in [0, 1) (default: 1/3, "
-                             "MMSegmentation's)")
+                        help="share of a sliding window its neighbour covers again, in [0, 1) (default: the "
+                             "contract's, 1/3 as MMSegmentation)")
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image's prediction")
-    parser.add_argument("--batch-size", type=int, default=8, help=f"{batch_help} (default: 8)")
+
+
+def check_retired_flags(parser, argv):
+    """A flag of an earlier version gets a line saying what replaced it (argparse would only say "unrecognized")."""
+    for flag, why in RETIRED_FLAGS.items():
+        if flag in (sys.argv[1:] if argv is None else argv):
+            parser.exit(2, f"error: {why}\n")
 
 
 def check_inference_arguments(parser, args):
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         parser.exit(2, f"error: --overlap must be in [0, 1), got {args.overlap}\n")
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:
         parser.exit(2, f"error: --batch-size must be >= 1, got {args.batch_size}\n")
 
 
-def mode_name(full_res: bool, inference_mode: str, flip: bool) -> str:
-    name = f"fullres-{inference_mode}" if full_res else "input-size"
-    return name + ("-flip" if flip else "")
+def mode_name(args) -> str:
+    """The evaluation folder's name part: "contract", or what changed it."""
+    parts = []
+    if args.inference:
+        parts.append(args.inference)
+    if args.tile:
+        parts.append(f"{args.tile[0]}x{args.tile[1]}")
+    if args.overlap is not None:
+        parts.append(f"overlap{args.overlap:g}")
+    if getattr(args, "tta", False):
+        parts.append("tta")
+    elif args.flip:
+        parts.append("flip")
+    return "-".join(parts) or "contract"
 
 
 def check_label_spaces(segmenter, info, data_dir):
@@ -72,39 +105,38 @@ def check_label_spaces(segmenter, info, data_dir):
             f"has {info['num_classes']} ({info.get('label_space')}): not the same label space")
 
 
-def evaluate_split(segmenter, data_dir, split="val", full_res=False, inference_mode="slide", tile=None,
-                   overlap=None, flip=False, batch_size=4, limit=0, progress=True) -> dict:
-    """The confusion matrix and metrics of `segmenter` on a split.
+def evaluate_split(segmenter, data_dir, split=None, flip=False, scales=(1.0,), batch_size=4, limit=0,
+                   progress=True) -> dict:
+    """The confusion matrix and metrics of `segmenter` on a split, at the original resolution.
 
     Args:
-        segmenter: a `keras_seg.inference.Segmenter`.
+        segmenter: a `keras_seg.inference.Segmenter`; its inference contract is followed.
         data_dir: a directory written by `tools/make_tfrecords.py`.
-        split: split name.
-        full_res: evaluate at each image's own size (else at the model's input size).
-        inference_mode: with `full_res`: "slide" (sliding windows) or "resize".
-        tile, overlap: sliding-window tile (h, w) (default: the input size) and overlap.
+        split: split name (default: "val", or TFDS' "validation").
         flip: average with the mirror image's probabilities.
-        batch_size: images per model call at the input size; tiles per call when sliding.
+        scales: scale ratios to average over (multi-scale testing); (1.0,): the contract's scale only.
+        batch_size: images per model call when the split's images share one size (else 1).
         limit: evaluate only the first `limit` images (0: all).
         progress: show a progress bar.
 
     Returns:
-        `keras_seg.metrics.summarize_confusion`'s dict, plus `images` and `seconds`.
+        `keras_seg.metrics.summarize_confusion`'s dict, plus `images`, `seconds` and `split`.
     """
     from tqdm import tqdm
 
-    from keras_seg import data, inference, metrics, tfrecord
+    from keras_seg import data, metrics, tfrecord
 
     info = tfrecord.load_dataset_info(data_dir)
     check_label_spaces(segmenter, info, data_dir)
+    split = split or tfrecord.validation_split(info) or "val"
     if split not in info["splits"]:
         raise EvaluationError(f"{data_dir}: no split {split!r} (it has: {sorted(info['splits'])})")
     total = int(info["splits"][split].get("num_examples", 0)) or None
     if limit:
         total = min(total or limit, limit)
-    image_size = None if full_res else segmenter.input_size
-    dataset = data.build_dataset(data_dir, split, training=False, batch_size=1 if full_res else batch_size,
-                                 image_size=image_size, resize_mode="resize", prefetch=2)
+    one_size = len(info["splits"][split].get("image_sizes") or {}) == 1
+    dataset = data.build_dataset(data_dir, split, training=False, batch_size=batch_size if one_size else 1,
+                                 image_size=None, prefetch=2)
     num_classes = segmenter.num_classes
     cm = np.zeros((num_classes, num_classes), np.int64)
     count = 0
@@ -116,11 +148,8 @@ def evaluate_split(segmenter, data_dir, split="val", full_res=False, inference_m
             masks = masks.numpy()
             if limit:
                 images, masks = images[:limit - count], masks[:limit - count]
-            if full_res:
-                predictions = [inference.predict_image(segmenter, image, inference_mode, flip, tile, overlap,
-                                                       batch_size).class_ids for image in images]
-            else:
-                predictions = inference.predict_batch_at_input_size(segmenter, images, flip)
+            probabilities = segmenter.probabilities(images, flip, scales)
+            predictions = np.argmax(probabilities.numpy(), axis=-1)
             for mask, prediction in zip(masks, predictions):
                 cm += metrics.confusion_matrix(mask, prediction, num_classes, info.get("ignore_index", 255))
             count += len(images)
@@ -130,7 +159,7 @@ def evaluate_split(segmenter, data_dir, split="val", full_res=False, inference_m
     if count == 0:
         raise EvaluationError(f"{data_dir}: split {split!r} has no examples")
     summary = metrics.summarize_confusion(cm, segmenter.class_names, segmenter.label_space)
-    summary.update(images=count, seconds=time.perf_counter() - started)
+    summary.update(images=count, seconds=time.perf_counter() - started, split=split)
     return summary
 
 
@@ -188,18 +217,19 @@ def build_parser():
                         help="run directory (its best.keras), a .keras file in one, or a keras_seg.export SavedModel "
                              "(a version folder, or the model folder: its highest version)")
     parser.add_argument("--data", required=True, metavar="DIR", help="TFRecord directory from tools/make_tfrecords.py")
-    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument("--split", help="split to evaluate (default: val, or TFDS' validation)")
     parser.add_argument("--output", metavar="DIR",
                         help="where metrics.json, per_class_iou.txt and confusion_matrix.png go "
                              "(default for a run: RUN/evaluation/SPLIT-MODE; needed for a SavedModel)")
     parser.add_argument("--overwrite", action="store_true", help="replace those files when they exist")
-    parser.add_argument("--full-res", action="store_true",
-                        help="evaluate at the original resolution (default: at the model's input size, as training "
-                             "validates)")
-    parser.add_argument("--inference", choices=("slide", "resize"), default="slide",
-                        help="with --full-res: sliding windows, or predicting at the input size and resizing the "
-                             "probabilities back (for models trained on downscaled images); default: slide")
-    add_inference_arguments(parser, "images per model call (tiles with --full-res)")
+    add_inference_arguments(parser)
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average over the scale ratios 0.5-1.75 and their flips "
+                             "(MMSegmentation's --tta)")
+    parser.add_argument("--scales", type=parse_scales, metavar="R,R,...",
+                        help="scale ratios for --tta (default: 0.5,0.75,1.0,1.25,1.5,1.75)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="images per model call when the split's images share one size (default: 4)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -207,42 +237,42 @@ def build_parser():
 
 def main(argv=None) -> int:
     parser = build_parser()
+    check_retired_flags(parser, argv)
     args = parser.parse_args(argv)
     check_inference_arguments(parser, args)
     if args.limit < 0:
         parser.exit(2, f"error: --limit must be >= 0, got {args.limit}\n")
+    if args.scales and not args.tta:
+        parser.exit(2, "error: --scales applies with --tta\n")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from keras_seg import inference, metrics, visualize
+    from keras_seg import contract, inference, metrics, visualize
     from keras_seg.files import write_json_atomically, write_text_atomically
-    from keras_seg.tfrecord import DatasetFormatError
+    from keras_seg.tfrecord import DatasetFormatError, load_dataset_info, validation_split
 
-    mode = mode_name(args.full_res, args.inference, args.flip)
+    flip = args.flip or args.tta
+    scales = (args.scales or contract.TTA_SCALES) if args.tta else (1.0,)
+    mode = mode_name(args)
     try:
-        from keras_seg.tfrecord import load_dataset_info
-
-        load_dataset_info(args.data)  # a bad --data fails before the model loads
-        segmenter = inference.load_segmenter(args.model)
-        output = args.output or default_output(segmenter, args.split, mode)
+        data_info = load_dataset_info(args.data)  # a bad --data fails before the model loads
+        split = args.split or validation_split(data_info) or "val"
+        segmenter = inference.load_segmenter(args.model, args.inference, args.tile, args.overlap)
+        output = args.output or default_output(segmenter, split, mode)
         existing = [n for n in OUTPUT_NAMES if os.path.exists(os.path.join(output, n))]
         if existing and not args.overwrite:
             raise EvaluationError(f"{output} already holds {', '.join(existing)}: --overwrite to replace, or "
                                   "choose another --output")
-        summary = evaluate_split(segmenter, args.data, args.split, args.full_res, args.inference, args.tile,
-                                 args.overlap, args.flip, args.batch_size, args.limit, progress=not args.no_progress)
+        summary = evaluate_split(segmenter, args.data, split, flip, scales, args.batch_size, args.limit,
+                                 progress=not args.no_progress)
     except (EvaluationError, inference.InferenceError, DatasetFormatError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     except tf.errors.OpError as err:
         parser.exit(2, f"error: reading {args.data} split {args.split!r}: {err.message.strip().splitlines()[0]}\n")
 
     class_names = segmenter.class_names
-    sliding = args.full_res and args.inference == "slide"
-    overlap = inference.DEFAULT_OVERLAP if args.overlap is None else args.overlap
-    settings = {"model": segmenter.source, "data": args.data, "split": args.split, "mode": mode,
-                "full_res": args.full_res, "inference": args.inference if args.full_res else "input-size",
-                "flip": args.flip, "tile": list(args.tile or segmenter.input_size) if sliding else None,
-                "overlap": overlap if sliding else None, "input_size": list(segmenter.input_size),
+    settings = {"model": segmenter.source, "data": args.data, "split": split, "mode": mode,
+                "inference": segmenter.info["inference"], "flip": flip, "scales": list(scales),
                 "label_space": segmenter.label_space}
     table = metrics.format_table(summary["confusion_matrix"], class_names)
     lines = summary_lines(summary)
@@ -251,9 +281,9 @@ def main(argv=None) -> int:
     os.makedirs(output, exist_ok=True)
     write_json_atomically(os.path.join(output, "metrics.json"), report(summary, class_names, settings))
     write_text_atomically(os.path.join(output, "per_class_iou.txt"),
-                          f"{segmenter.source} on {args.data} {args.split} ({mode})\n{table}\n" + "\n".join(lines)
+                          f"{segmenter.source} on {args.data} {split} ({mode})\n{table}\n" + "\n".join(lines)
                           + "\n")
-    title = f"{args.split} ({mode}): mIoU {100 * summary['miou']:.1f}%, rows: ground truth, % of its pixels"
+    title = f"{split} ({mode}): mIoU {100 * summary['miou']:.1f}%, rows: ground truth, % of its pixels"
     visualize.save_png_atomically(os.path.join(output, "confusion_matrix.png"),
                                   visualize.confusion_matrix_image(summary["confusion_matrix"], class_names,
                                                                    title=title))

@@ -8,9 +8,12 @@ writes `DIR/NAME/VERSION/` (TF Serving's layout: it serves the highest numbered 
   `class_ids` int32 [N, H, W] and `confidence` float32 [N, H, W] (the top softmax probability)
   at the images' own size;
 * `segment_uint8`: `images`, uint8 [N, H, W, 3] RGB -> the same outputs;
-* `probabilities`: `images`, uint8 [N, H, W, 3] -> `probabilities`, float32 softmax
-  [N, h, w, C] at the model's input size (for sliding-window and flip-averaged inference);
-* `assets/labels.json`: class names, colours, ignore index, label space, input size, preset.
+* `probabilities`: `images`, uint8 [N, H, W, 3] -> `probabilities`, float32 softmax [N, H, W, C];
+* `model_probabilities`: `images`, float32 [N, h, w, 3] in [0, 1] at the model's input size ->
+  softmax (the bare model, for flip and multi-scale averaging);
+* `assets/labels.json`: class names, colours, ignore index, label space, preset, and under
+  "inference" the run's inference contract, which the first three signatures follow
+  (`keras_seg.contract`: whole image at the training scale, or sliding windows).
 
 The graph is `keras_seg.inference.SegmentationModule` around the model rebuilt under the float32
 policy, so it computes in float32 whatever precision the run trained in, and loading it needs
@@ -81,10 +84,11 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
         labels_path = os.path.join(staging, "labels", inference.LABELS_NAME)
         os.makedirs(os.path.dirname(labels_path))
         write_json_atomically(labels_path, info)
-        module = inference.SegmentationModule(model, info["input_size"], labels_path)
+        module = inference.SegmentationModule(model, inference.contracts.InferenceContract.from_dict(info["inference"]),
+                                              info["num_classes"], labels_path)
         saved = os.path.join(staging, "saved_model")
         log(f"exporting {run_dir} ({info.get('preset') or info['architecture']}, {info['num_classes']} classes, "
-            f"input {info['input_size'][0]}x{info['input_size'][1]}, trained in "
+            f"{info['input']}, trained in "
             f"{info.get('trained_precision') or 'float32'}; exported in float32)")
         import tensorflow as tf
 
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     base = os.path.abspath(os.path.dirname(path))
     print(f"wrote {path}\n"
           f"signatures: serving_default (encoded JPEG/PNG bytes) and segment_uint8 (uint8 pixels) -> class_ids, "
-          f"confidence; probabilities (uint8 pixels) -> softmax at the model's input size\n"
+          f"confidence; probabilities (uint8 pixels) -> softmax; model_probabilities -> the bare model's softmax\n"
           f"serve it: docker run -p 8501:8501 -v {base}:/models/{name} -e MODEL_NAME={name} tensorflow/serving")
     return 0
 

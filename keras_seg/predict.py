@@ -9,9 +9,12 @@ full-resolution Cityscapes labelIds, named so that cityscapesScripts' evaluation
 (`evalPixelLevelSemanticLabeling.py`, which takes any `{city}_{seq}_{frame}*.png`) finds exactly
 one prediction per ground truth.
 
-Resize mode by default (predict at the model's input size, probabilities resized back);
-`--full-res` slides windows over the image at its own resolution; `--flip` averages with the
-mirror image. Images found in a directory keep their sub-folders under `--output`.
+Each image is inferred by the model's inference contract (`keras_seg.contract`), as training
+validated it, and predicted at its own resolution; `--inference`, `--tile`, `--overlap` change
+the contract, `--flip` averages with the mirror image. JPEG EXIF orientation is applied, so what a
+photo viewer shows is what gets segmented (the export's graph, like TensorFlow's decoders, ignores
+it: clients send upright pixels). Images found in a directory keep their sub-folders under
+`--output`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_seg.evaluate import add_inference_arguments, check_inference_arguments
+from keras_seg.evaluate import add_inference_arguments, check_inference_arguments, check_retired_flags
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FORMATS = ("color", "cityscapes-labelids")
@@ -65,14 +68,14 @@ def collect_images(inputs) -> list:
 
 
 def read_image(path) -> np.ndarray:
-    """An image file -> RGB uint8 [H, W, 3], as the exported graph decodes it (EXIF orientation not applied)."""
+    """An image file -> RGB uint8 [H, W, 3], turned upright by its EXIF orientation (as photo viewers show it)."""
     import cv2
 
     try:
         data = np.fromfile(path, np.uint8)
     except OSError as err:
         raise PredictError(f"{path}: unreadable ({err.strerror})") from err
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise PredictError(f"{path}: not an image (or a corrupt one): expected a PNG or JPEG file")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -220,10 +223,7 @@ def build_parser():
     parser.add_argument("--format", choices=FORMATS, default="color",
                         help="color: NAME_mask.png, NAME_overlay.png, NAME_panel.png; cityscapes-labelids: only "
                              "NAME_pred_labelIds.png, full-resolution labelIds for cityscapesScripts (default: color)")
-    parser.add_argument("--full-res", action="store_true",
-                        help="sliding windows at the image's resolution (default: predict at the model's input "
-                             "size and resize back)")
-    add_inference_arguments(parser, "tiles per model call with --full-res")
+    add_inference_arguments(parser)
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the mask in the overlay (default: 0.5)")
     parser.add_argument("--panel-height", type=int, default=512,
                         help="panels taller than this are scaled down (default: 512; 0: full size)")
@@ -255,6 +255,7 @@ def plan(args, segmenter, found) -> list:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    check_retired_flags(parser, argv)
     args = parser.parse_args(argv)
     check_inference_arguments(parser, args)
     if args.panel_height < 0 or not 0.0 <= args.alpha <= 1.0:
@@ -264,17 +265,15 @@ def main(argv=None) -> int:
 
     from keras_seg import inference
 
-    mode = "slide" if args.full_res else "resize"
     try:
         found = collect_images(args.input)  # a bad --input fails before the model loads
-        segmenter = inference.load_segmenter(args.model)
+        segmenter = inference.load_segmenter(args.model, args.inference, args.tile, args.overlap)
         labelids = labelid_table(segmenter) if args.format == "cityscapes-labelids" else None
         items = plan(args, segmenter, found)
         for item in tqdm(items, unit="img", desc="predict", disable=args.no_progress):
             image = read_image(item.path)
             gt = read_ground_truth(item, segmenter.label_space, image.shape) if item.gt_path else None
-            prediction = inference.predict_image(segmenter, image, mode, args.flip, args.tile, args.overlap,
-                                                 args.batch_size)
+            prediction = segmenter.predict(image, args.flip)
             write_outputs(output_paths(item, args.output, args.format), image, prediction.class_ids, segmenter,
                           args.format, gt, args.alpha, args.panel_height, labelids)
     except (PredictError, inference.InferenceError, OSError) as err:

@@ -333,3 +333,11 @@ def merged_dataset_info(existing: dict | None, common: dict, splits: dict) -> di
         info = dict(existing)
     info["splits"] = {**info.get("splits", {}), **splits}
     return info
+
+
+VALIDATION_SPLITS = ("val", "validation")  # ours, and TensorFlow Datasets' name
+
+
+def validation_split(info: dict):
+    """The name of a directory's validation split: "val", else TFDS' "validation"; None when it has neither."""
+    return next((name for name in VALIDATION_SPLITS if name in info["splits"]), None)

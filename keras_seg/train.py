@@ -29,6 +29,14 @@ RESUMABLE = ("iters", "epochs", "time_budget", "val_every", "checkpoint_every", 
 LENGTH_KEYS = ("iters", "epochs", "time_budget")
 
 
+def _ratio_range(text):
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH such as 0.5,2.0, got {text!r}") from None
+    return [low, high]
+
+
 def _image_size(text):
     match = re.fullmatch(r"(\d+)[xX](\d+)", text)
     if not match:
@@ -82,7 +90,21 @@ def build_parser():
                    help="the learning rate is meant for a global batch of B: scale it to the actual one "
                         "(batch x replicas x accumulate), as MMSegmentation's auto_scale_lr")
     o.add_argument("--image-size", type=_image_size, metavar="HxW", help="training input size")
-    o.add_argument("--resize-mode", choices=RESIZE_MODES, help="how the reader brings examples to --image-size")
+    o.add_argument("--resize-mode", choices=RESIZE_MODES,
+                   help="how the reader brings examples to --image-size: resize (stretch), crop, fit (aspect kept, "
+                        "padded), scale_crop (whole image rescaled by a random ratio of --base-scale, then a random "
+                        "crop: docs/data.md)")
+    o.add_argument("--base-scale", type=_image_size, metavar="HxW",
+                   help="scale_crop: the scale the random ratios multiply, aspect kept (Cityscapes 1024x2048)")
+    o.add_argument("--ratio-range", type=_ratio_range, metavar="LOW,HIGH", help="scale_crop: default 0.5,2.0")
+    o.add_argument("--cat-max-ratio", type=float,
+                   help="scale_crop: retry (up to 10 times) crops where one class holds more than this share of the "
+                        "labelled pixels (MMSegmentation's 0.75; default 1: off)")
+    o.add_argument("--inference-mode", choices=("whole", "slide"),
+                   help="scale_crop: infer whole images at --base-scale, or sliding --image-size windows "
+                        "(default: slide)")
+    o.add_argument("--inference-overlap", type=float, help="share of a sliding window its neighbour covers again "
+                                                            "(default: 1/3)")
     o.add_argument("--optimizer", choices=OPTIMIZERS)
     o.add_argument("--learning-rate", "--lr", type=float)
     o.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
@@ -165,6 +187,12 @@ def resolve_config(args, demo_dir=None) -> TrainConfig:
         config.augment = AugmentConfig.disabled().to_dict()
     for key, value in args.augment or []:
         config.augment[key] = value
+    if config.resize_mode == "scale_crop":
+        on_device = [key for key, _ in args.augment or [] if key in ("scale_prob", "scale_range")]
+        if on_device:
+            raise ConfigError(f"--augment {on_device[0]}: with --resize-mode scale_crop the reader draws the scale "
+                              "(--ratio-range); the on-device scale is off")
+        config.augment["scale_prob"] = 0.0  # the preset's on-device scale gives way to the reader's
     config.data = args.data or demo_dir
     config.demo = args.data is None
     config.resume, config.init_from = args.resume, args.init_from
@@ -220,10 +248,11 @@ def check_data(config):
         info = tfrecord.load_dataset_info(config.data)
     except tfrecord.DatasetFormatError as err:
         raise ConfigError(f"--data: {err}") from err
-    for split in ("train", "val"):
-        if split not in info["splits"]:
-            raise ConfigError(f"--data {config.data}: no '{split}' split (it has {sorted(info['splits'])}); "
-                              "convert one, e.g. with --val-fraction")
+    if "train" not in info["splits"]:
+        raise ConfigError(f"--data {config.data}: no 'train' split (it has {sorted(info['splits'])})")
+    if tfrecord.validation_split(info) is None:
+        raise ConfigError(f"--data {config.data}: no 'val' (or 'validation') split (it has {sorted(info['splits'])}); "
+                          "convert one, e.g. with --val-fraction")
     if isinstance(config.class_weights, list) and len(config.class_weights) != info["num_classes"]:
         raise ConfigError(f"--class-weights: {len(config.class_weights)} weights for {info['num_classes']} classes")
 

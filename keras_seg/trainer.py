@@ -30,6 +30,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_seg import augment, data, distribute, losses, metrics, schedules, tfrecord, visualize
+from keras_seg import contract as contracts
+from keras_seg.contract import InferenceContract
 from keras_seg.budget import TimeBudget, process_start_time, window_seconds
 from keras_seg.config import TrainConfig
 from keras_seg.files import write_json_atomically
@@ -86,6 +88,7 @@ class Trainer:
         self.info = tfrecord.load_dataset_info(config.data)
         self.num_classes = int(self.info["num_classes"])
         self.class_names = list(self.info["class_names"])
+        self.val_split = tfrecord.validation_split(self.info) or "val"
         self.replicas = self.strategy.num_replicas_in_sync
         self.global_batch = config.batch_size * self.replicas
         self.examples_per_step = self.global_batch * config.accumulate
@@ -118,6 +121,13 @@ class Trainer:
                 for layer in self.model._flatten_layers(include_self=False, recursive=True):
                     if isinstance(layer, keras.layers.BatchNormalization):
                         layer.synchronized = True
+            self.inference_model = self.model
+            inference_size = tuple(config.inference["input_size"])
+            if inference_size != tuple(config.image_size):
+                # Whole images at another size than the training crops: the same weights in a
+                # model built for that input, refreshed before each validation.
+                self.inference_model = presets.build_model({"model": config.model, "input_size": inference_size},
+                                                           self.num_classes)
             shape = "constant" if config.schedule == "plateau" else config.schedule
             self.schedule = schedules.WarmupDecaySchedule(
                 self.learning_rate, shape, total_steps=self.total_steps or UNPLANNED, warmup_steps=warmup,
@@ -161,7 +171,9 @@ class Trainer:
         if config.cache not in (None, "memory") and not isinstance(self.strategy,
                                                                     tf.distribute.MultiWorkerMirroredStrategy):
             self._cache_lock = data.claim_file_cache(config.cache, log=self.log)
-        common = dict(image_size=tuple(config.image_size), resize_mode=config.resize_mode)
+        sizing = dict(image_size=tuple(config.image_size), resize_mode=config.resize_mode,
+                      base_scale=config.base_scale, ratio_range=tuple(config.ratio_range),
+                      cat_max_ratio=config.cat_max_ratio)
 
         def train_fn(ctx):
             # A pipeline feeds (replicas / pipelines) replicas one batch each per step; a resumed
@@ -171,13 +183,16 @@ class Trainer:
             return data.build_dataset(
                 config.data, "train", training=True, repeat=True, input_context=ctx,
                 batch_size=self.examples_per_step, shuffle_seed=config.seed, cache=config.cache,
-                start_example=start_step * per_step, **common)
+                start_example=start_step * per_step, **sizing)
 
         self.train_data = self.strategy.distribute_datasets_from_function(train_fn)
-        val_batch = config.val_batch_size * self.replicas
+        # Validation follows the inference contract on whole images at their original size, as
+        # evaluate, predict and the export do; images of several sizes go one per replica.
+        sizes = self.info["splits"][self.val_split].get("image_sizes") or {}
+        per_replica = config.val_batch_size if len(sizes) == 1 else 1
         self.val_data = data.distribute_dataset(
-            self.strategy, config.data, "val", batch_size=val_batch, training=False,
-            drop_remainder=False, cache=config.cache, **common)
+            self.strategy, config.data, self.val_split, batch_size=per_replica * self.replicas, training=False,
+            drop_remainder=False, cache=config.cache, image_size=None)
 
     # ----------------------------------------------------------------------- steps
 
@@ -221,10 +236,16 @@ class Trainer:
             step.assign_add(1)
             return loss
 
+        contract = InferenceContract.from_dict(config.inference)
+        inference_model = self.inference_model
+        model_fn = contracts.keras_model_fn(inference_model)
+
         def replica_eval_step(images, masks):
             # The last validation batch may leave a replica with no example at all.
             if tf.shape(images)[0] > 0:
-                self.val_iou.update_state(masks, model(images, training=False))
+                pixels = tf.cast(tf.round(images * 255.0), tf.uint8)  # the reader's floats are uint8 / 255
+                probabilities = contracts.contract_probabilities(pixels, model_fn, contract, self.num_classes)
+                self.val_iou.update_state(masks, probabilities)
 
         if config.jit and self.replicas > 1:
             # A replica function compiled with XLA cannot update mirrored variables (Keras, too,
@@ -418,7 +439,7 @@ class Trainer:
 
     def _validation_estimate(self, budget):
         """Before the first validation: the val split's forward passes at a third of a training step's cost."""
-        val_examples = int(self.info["splits"]["val"]["num_examples"])
+        val_examples = int(self.info["splits"][self.val_split]["num_examples"])
         return val_examples / self.examples_per_step * budget.seconds_per_step / 3
 
     # ----------------------------------------------------------------------- validation and files
@@ -426,6 +447,8 @@ class Trainer:
     def _validate_and_log(self, eval_step, step, loss, seconds, history, writer, budget):
         config = self.config
         self.val_iou.reset_state()
+        if self.inference_model is not self.model:
+            self.inference_model.set_weights(self.model.get_weights())
         for batch in self.val_data:
             eval_step(batch)
         result = metrics.summarize_confusion(self.val_iou.confusion_matrix(), self.class_names,
@@ -537,8 +560,9 @@ class Trainer:
         """The first `count` validation examples, read once, for the pictures of every validation."""
         if not hasattr(self, "_samples"):
             batch = next(iter(data.build_dataset(
-                self.config.data, "val", training=False, batch_size=count,
-                image_size=tuple(self.config.image_size), resize_mode=self.config.resize_mode)))
+                self.config.data, self.val_split, training=False, batch_size=count,
+                image_size=tuple(self.config.image_size), resize_mode=self.config.resize_mode,
+                base_scale=self.config.base_scale)))
             self._samples = (batch[0].numpy(), batch[1].numpy())
         return self._samples
 

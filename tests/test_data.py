@@ -29,17 +29,17 @@ def _jpeg(array):
     return buffer.getvalue()
 
 
-def _example(rng, height, width, image_format="png"):
+def _example(rng, height, width, image_format="png", block=8):
     """A mask of class blocks (some ignore) and an image whose colours encode the classes."""
-    blocks = rng.integers(0, len(PALETTE), size=(height // 8 + 1, width // 8 + 1))
-    mask = np.kron(blocks, np.ones((8, 8), np.int64))[:height, :width].astype(np.uint8)
+    blocks = rng.integers(0, len(PALETTE), size=(height // block + 1, width // block + 1))
+    mask = np.kron(blocks, np.ones((block, block), np.int64))[:height, :width].astype(np.uint8)
     image = PALETTE[mask]
     mask[:4, :4] = IGNORE  # an ignored corner, drawn in the class colour underneath
     encoded = _png(image) if image_format == "png" else _jpeg(image)
     return image, mask, encoded
 
 
-def write_dataset(directory, splits, *, num_shards=2, seed=0):
+def write_dataset(directory, splits, *, num_shards=2, seed=0, block=8):
     """Write a small keras-seg directory with the format's own writer.
 
     splits: {name: [(height, width, image_format), ...]}. Returns {name: [(image, mask), ...]}.
@@ -51,7 +51,7 @@ def write_dataset(directory, splits, *, num_shards=2, seed=0):
         writer = tfrecord.ShardedWriter(str(directory), split, num_examples=len(sizes), num_shards=num_shards)
         arrays[split] = []
         for position, (height, width, image_format) in enumerate(sizes):
-            image, mask, encoded = _example(rng, height, width, image_format)
+            image, mask, encoded = _example(rng, height, width, image_format, block)
             filename = f"{split}/{position}.png"
             writer.write(tfrecord.encode_example(encoded, image_format, _png(mask), height, width, filename), position)
             arrays[split].append((image, mask))
@@ -298,13 +298,13 @@ def _key(image):
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
-@pytest.mark.parametrize("cache", [None, "memory"])
-def test_training_stream_resumes_at_any_example(tmp_path, cache):
+@pytest.mark.parametrize("cache, resize_mode", [(None, "crop"), ("memory", "crop"), ("memory", "scale_crop")])
+def test_training_stream_resumes_at_any_example(tmp_path, cache, resize_mode):
     """The stream begun at example k equals the stream begun at 0 after k examples: same examples,
     same order, same random crops, across pass boundaries (10 examples a pass)."""
     write_dataset(tmp_path, {"train": [(32, 48, "png")] * 10}, num_shards=3)
-    common = dict(training=True, repeat=True, batch_size=3, image_size=(24, 32), resize_mode="crop",
-                  shuffle_seed=5, shuffle_buffer=4, cache=cache)
+    common = dict(training=True, repeat=True, batch_size=3, image_size=(24, 32), resize_mode=resize_mode,
+                  base_scale=(32, 48), shuffle_seed=5, shuffle_buffer=4, cache=cache)
     whole = [b[0].numpy() for b in data.build_dataset(tmp_path, "train", **common).take(12)]
     for start_batch in (2, 3, 7):  # 6, 9 (mid-pass), 21 examples (third pass)
         resumed = data.build_dataset(tmp_path, "train", start_example=3 * start_batch, **common)
@@ -330,3 +330,97 @@ def test_training_pipelines_read_disjoint_complete_records(tmp_path):
                                     shuffle_seed=3, input_context=context, start_example=3 * epoch)
             seen += [_key(b[0].numpy()[0]) for b in ds.take(3)]
         assert sorted(seen) == expected, f"pass {epoch}"
+
+
+# --------------------------------------------------------------------------- random rescale + crop
+
+
+def _interior_agreement(images, masks):
+    """(share of labelled pixels whose 3x3 mask neighbourhood is one class, the colour's class == the mask's there).
+
+    Bilinear resampling blends colours across class borders; inside a block it cannot, so there the
+    image's colour must name the mask's class exactly, and a shifted or rescaled mask would not.
+    """
+    classes = _decode_classes(images)
+    padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)), constant_values=IGNORE)
+    same = np.ones(masks.shape, bool)
+    for dy in range(3):
+        for dx in range(3):
+            same &= padded[:, dy:dy + masks.shape[1], dx:dx + masks.shape[2]] == masks
+    interior = same & (masks != IGNORE)
+    return interior.mean(), bool((classes[interior] == masks[interior]).all())
+
+
+@pytest.mark.parametrize("sizes, base_scale, crop, block", [
+    ([(1024, 2048, "png")] * 3, (1024, 2048), (256, 512), 64),  # Cityscapes-sized frames
+    ("voc", (512, 2048), (256, 256), 32),  # VOC-like: each image its own size
+])
+def test_scale_crop_keeps_image_and_mask_aligned(tmp_path, sizes, base_scale, crop, block):
+    if sizes == "voc":
+        rng = np.random.default_rng(11)
+        sizes = [(int(rng.integers(250, 501)), int(rng.integers(250, 501)), "png") for _ in range(6)]
+    write_dataset(tmp_path, {"train": sizes}, num_shards=2, block=block)
+    ds = data.build_dataset(tmp_path, "train", training=True, repeat=True, batch_size=len(sizes), image_size=crop,
+                            resize_mode="scale_crop", base_scale=base_scale, ratio_range=(0.5, 2.0), shuffle_seed=2)
+    for images, masks in _batches(ds.take(2)):
+        assert images.shape == (len(sizes), *crop, 3) and masks.shape == (len(sizes), *crop)
+        share, agree = _interior_agreement(images, masks)
+        assert share > 0.3 and agree
+    # every reader mode keeps them aligned too
+    for mode in ("resize", "crop", "fit"):
+        ds = data.build_dataset(tmp_path, "train", training=True, batch_size=len(sizes), image_size=crop,
+                                resize_mode=mode, shuffle_seed=2)
+        share, agree = _interior_agreement(*_batches(ds.take(1))[0])
+        assert share > 0.3 and agree, mode
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0, 1.5])
+def test_scale_crop_rescales_the_whole_image_by_the_ratio_of_the_base_scale(ratio):
+    """At a fixed ratio, the crop is a window of the whole mask resized (nearest) so that its long side is
+    at most max(base_scale) x ratio and its short side at most min(base_scale) x ratio (aspect kept)."""
+    rng = np.random.default_rng(int(ratio * 10))
+    _, mask, _ = _example(rng, 40, 60, block=2)
+    image = PALETTE[np.where(mask == IGNORE, 0, mask)]
+    # 40x60 within 20x40 x ratio: the short side binds (20 x ratio / 40), the long one would allow more.
+    expected_size = (round(40 * 20 * ratio / 40), round(60 * 20 * ratio / 40))
+    whole = tf.image.resize(mask[..., None], expected_size, method="nearest").numpy()[..., 0]
+    crop = (8, 8)
+    for seed in range(3):
+        _, got = data.random_scale_crop_example(tf.constant(image), tf.constant(mask), crop, (20, 40), (ratio, ratio),
+                                                tf.constant([seed, 1], tf.int64))
+        got = got.numpy()
+        windows = [(y, x) for y in range(expected_size[0] - crop[0] + 1) for x in range(expected_size[1] - crop[1] + 1)
+                   if np.array_equal(whole[y:y + crop[0], x:x + crop[1]], got)]
+        assert windows, (ratio, seed)
+
+
+def test_cat_max_ratio_retries_crops_dominated_by_one_class():
+    # Class 1 is a 24-pixel band at the right, class 0 the rest: about 1 random 16x16 crop in 7 has
+    # both and neither over 75% of its pixels; with up to 10 tries, most crops do.
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 40:] = 1
+    image = PALETTE[mask]
+
+    def varied(crop):
+        counts = np.bincount(crop.ravel(), minlength=2)
+        return (counts > 0).sum() > 1 and counts.max() < 0.75 * counts.sum()
+
+    plain = retried = 0
+    for seed in range(40):
+        common = (tf.constant(image), tf.constant(mask), (16, 16), (64, 64), (1.0, 1.0), tf.constant([seed, 0]))
+        plain += varied(data.random_scale_crop_example(*common)[1].numpy())
+        retried += varied(data.random_scale_crop_example(*common, cat_max_ratio=0.75)[1].numpy())
+    assert plain <= 12 and retried >= 24, (plain, retried)
+
+
+@pytest.mark.parametrize("cache", ["memory", "file"])
+def test_scale_crop_after_the_cache_differs_between_epochs(tmp_path, cache):
+    write_dataset(tmp_path / "data", {"train": [(96, 160, "png")]}, num_shards=1, block=16)
+    (tmp_path / "cache").mkdir()
+    cache = "memory" if cache == "memory" else str(tmp_path / "cache" / "c")
+    ds = data.build_dataset(tmp_path / "data", "train", training=True, repeat=True, batch_size=1, image_size=(32, 32),
+                            resize_mode="scale_crop", base_scale=(96, 160), shuffle_seed=0, cache=cache)
+    epochs = [masks[0] for _, masks in _batches(ds.take(4))]  # one example: a batch is an epoch
+    assert all(not np.array_equal(epochs[0], other) for other in epochs[1:])
+    if cache != "memory":  # the cache holds the decoded original, not a crop
+        assert any("-full-" in name for name in os.listdir(tmp_path / "cache"))

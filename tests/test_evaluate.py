@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_seg import data, demo, evaluate, export, inference, tfrecord
+from keras_seg import contract as contracts
+from keras_seg import demo, evaluate, export, tfrecord
 from keras_seg.labels import cityscapes_label_space
 from tiny_run import INPUT_SIZE, write_run
 
@@ -49,17 +50,76 @@ def run_evaluate(capsys, *args):
     return capsys.readouterr().out
 
 
-def test_input_size_evaluation_matches_a_numpy_confusion_matrix(setup, tmp_path, capsys):
+def keras_probabilities(model):
+    """The checkpoint's softmax on float32 images in [0, 1], computed here, outside keras_seg."""
+    return lambda x: tf.nn.softmax(model(np.asarray(x, np.float32), training=False)).numpy()
+
+
+def reference_probabilities(image, model_fn, resize, scale, window, overlap=1 / 3, flip=False, scales=(1.0,)):
+    """An independent numpy/TF-op rendering of the inference contract (docs/evaluation.md) for one image.
+
+    For each ratio: rescale (stretch to scale x r, keep the ratio within scale x r, or r x the image's
+    own size), run windows of `window` (bottom/right padded with black) stepping by window x (1 - overlap),
+    the last at the edge, average overlaps; average with the mirror image flipped back; resize the
+    softmax back to the image's size (bilinear); average over the ratios.
+    """
+    height, width = image.shape[:2]
+    total = np.zeros((height, width, 0))
+    for ratio in scales:
+        if resize == "stretch":
+            size = (round(scale[0] * ratio), round(scale[1] * ratio))
+        elif resize == "none":
+            size = (round(height * ratio), round(width * ratio))
+        else:
+            factor = min(max(scale) * ratio / max(height, width), min(scale) * ratio / min(height, width))
+            size = (round(height * factor), round(width * factor))
+        x = image
+        if size != (height, width):
+            x = tf.image.resize(image, size, method="bilinear", antialias=True).numpy()
+            x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+        views = [x, x[:, ::-1]] if flip else [x]
+        averaged = 0
+        for k, view in enumerate(views):
+            p = numpy_slide(view, model_fn, window, overlap)
+            averaged = averaged + (p[:, ::-1] if k else p)
+        averaged = averaged / len(views)
+        if averaged.shape[:2] != (height, width):
+            averaged = tf.image.resize(averaged, (height, width), method="bilinear").numpy()
+        total = averaged if total.size == 0 else total + averaged
+    return total / len(scales)
+
+
+def numpy_slide(image, model_fn, window, overlap):
+    height, width = image.shape[:2]
+    padded_h, padded_w = max(height, window[0]), max(width, window[1])
+    padded = np.zeros((padded_h, padded_w, 3), np.uint8)
+    padded[:height, :width] = image
+    steps = [max(1, round(t * (1 - overlap))) for t in window]
+    rows = sorted(set(list(range(0, padded_h - window[0], steps[0])) + [padded_h - window[0]]))
+    cols = sorted(set(list(range(0, padded_w - window[1], steps[1])) + [padded_w - window[1]]))
+    total, hits = None, np.zeros((padded_h, padded_w, 1))
+    for y in rows:
+        for x in cols:
+            p = model_fn(padded[None, y:y + window[0], x:x + window[1]] / 255.0)[0]
+            if total is None:
+                total = np.zeros((padded_h, padded_w, p.shape[-1]))
+            total[y:y + window[0], x:x + window[1]] += p
+            hits[y:y + window[0], x:x + window[1]] += 1
+    return (total / hits)[:height, :width]
+
+
+def test_default_evaluation_follows_the_contract_at_original_resolution(setup, tmp_path, capsys):
     out = run_evaluate(capsys, "--model", setup["run"], "--data", setup["data"], "--output", str(tmp_path))
     report = json.loads((tmp_path / "metrics.json").read_text())
 
-    # Reference: the Keras checkpoint on the reader's resized images and nearest-resized masks.
-    model = keras.saving.load_model(os.path.join(setup["run"], "best.keras"), compile=False)
-    masks, predictions = [], []
-    for image, mask in val_examples(setup["data"]):
-        image, mask = (t.numpy() for t in data.resize_example(tf.constant(image), tf.constant(mask), INPUT_SIZE))
-        predictions.append(np.argmax(model(image[None].astype(np.float32) / 255.0, training=False)[0], -1))
-        masks.append(mask)
+    # Reference: the Keras checkpoint on images stretched to the input size (the run's contract),
+    # its softmax resized back to the stored 96x192, scored against the original masks.
+    model_fn = keras_probabilities(keras.saving.load_model(os.path.join(setup["run"], "best.keras"), compile=False))
+    examples = val_examples(setup["data"])
+    predictions = [reference_probabilities(image, model_fn, "stretch", INPUT_SIZE, INPUT_SIZE).argmax(-1)
+                   for image, _ in examples]
+    masks = [mask for _, mask in examples]
+    assert predictions[0].shape == DATA_SIZE
     expected = numpy_confusion(masks, predictions)
     got = np.array(report["confusion_matrix"])
     assert got.sum() == expected.sum() == sum(int(np.sum(m != 255)) for m in masks)
@@ -76,25 +136,74 @@ def test_input_size_evaluation_matches_a_numpy_confusion_matrix(setup, tmp_path,
     written = [report["per_class"][name]["iou"] for name in cityscapes_label_space("trainid").class_names]
     assert [None if np.isnan(v) else pytest.approx(v) for v in iou] == written  # absent classes: null
     assert "category_miou" in report and set(report["per_category_iou"]) >= {"flat", "vehicle"}
-    assert report["images"] == 4 and report["mode"] == "input-size"
+    assert report["images"] == 4 and report["mode"] == "contract"
+    assert report["inference"]["resize"] == "stretch"
     assert "mIoU" in out and "category mIoU" in out
     picture = cv2.imread(str(tmp_path / "confusion_matrix.png"))
     assert picture is not None and picture.shape[1] > 19 * 28
     assert "road" in (tmp_path / "per_class_iou.txt").read_text()
 
 
-def test_full_resolution_sliding_window_counts_every_original_pixel(setup, tmp_path, capsys):
-    run_evaluate(capsys, "--model", setup["run"], "--data", setup["data"], "--output", str(tmp_path), "--full-res",
-                 "--tile", "64x128", "--overlap", "0.5", "--flip")
-    report = json.loads((tmp_path / "metrics.json").read_text())
-    assert report["mode"] == "fullres-slide-flip" and report["tile"] == [64, 128] and report["overlap"] == 0.5
-    segmenter = inference.load_segmenter(setup["run"])
+def test_sliding_windows_at_original_resolution_count_every_pixel(setup, tmp_path, capsys):
+    # A run trained on crops infers its images at their own resolution with windows of the crop size.
+    crop_run = tmp_path / "crop_run"
+    shutil.copytree(setup["run"], crop_run)
+    config = json.loads((crop_run / "config.json").read_text())
+    (crop_run / "config.json").write_text(json.dumps({**config, "resize_mode": "crop"}))
+    run_evaluate(capsys, "--model", str(crop_run), "--data", setup["data"], "--output", str(tmp_path / "out"),
+                 "--overlap", "0.5", "--flip")
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["mode"] == "overlap0.5-flip"
+    assert report["inference"] == {"resize": "none", "scale": None, "mode": "slide", "input_size": [64, 128],
+                                   "overlap": 0.5}
+    model_fn = keras_probabilities(keras.saving.load_model(str(crop_run / "best.keras"), compile=False))
     examples = val_examples(setup["data"])
-    predictions = [inference.predict_image(segmenter, image, "slide", flip=True, tile=(64, 128), overlap=0.5).class_ids
+    predictions = [reference_probabilities(image, model_fn, "none", None, INPUT_SIZE, 0.5, flip=True).argmax(-1)
                    for image, _ in examples]
-    assert predictions[0].shape == DATA_SIZE
     expected = numpy_confusion([mask for _, mask in examples], predictions)
-    np.testing.assert_array_equal(np.array(report["confusion_matrix"]), expected)
+    got = np.array(report["confusion_matrix"])
+    assert got.sum() == expected.sum()
+    assert np.abs(got - expected).sum() <= 0.002 * expected.sum()
+
+
+def test_tta_averages_every_scale_and_flip(setup, tmp_path, capsys):
+    scales = (0.5, 1.0, 1.75)
+    run_evaluate(capsys, "--model", setup["run"], "--data", setup["data"], "--output", str(tmp_path), "--tta",
+                 "--scales", ",".join(map(str, scales)), "--batch-size", "3")
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["flip"] is True and report["scales"] == list(scales) and report["mode"] == "tta"
+    model_fn = keras_probabilities(keras.saving.load_model(os.path.join(setup["run"], "best.keras"), compile=False))
+    examples = val_examples(setup["data"])
+    masks = [mask for _, mask in examples]
+    predictions = [reference_probabilities(image, model_fn, "stretch", INPUT_SIZE, INPUT_SIZE, flip=True,
+                                           scales=scales).argmax(-1) for image, _ in examples]
+    expected = numpy_confusion(masks, predictions)
+    got = np.array(report["confusion_matrix"])
+    assert np.abs(got - expected).sum() <= 0.002 * expected.sum()
+
+
+def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
+    voc = tmp_path / "voc"
+    shutil.copytree(setup["data"], voc)
+    info = tfrecord.load_dataset_info(str(voc))
+    info.update(num_classes=21, label_space="voc", class_names=[f"c{i}" for i in range(21)])
+    tfrecord.write_dataset_info(str(voc), info)
+    cases = [
+        (["--model", str(tmp_path / "nothing"), "--data", setup["data"]], "no such file or directory"),
+        (["--model", setup["run"], "--data", str(tmp_path / "nothing")], "no such directory"),
+        (["--model", setup["run"], "--data", setup["data"], "--split", "test"], "no split 'test'"),
+        (["--model", setup["run"], "--data", str(voc)], "not the same label space"),
+        (["--model", setup["run"], "--data", setup["data"], "--overlap", "1"], "--overlap"),
+        (["--model", setup["run"], "--data", setup["data"], "--full-res"], "original resolution"),
+        (["--model", setup["run"], "--data", setup["data"], "--inference", "slide"], "--tile"),
+        (["--model", setup["run"], "--data", setup["data"], "--scales", "0.5,1"], "--tta"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--no-progress", "--output", str(tmp_path / "out"), *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, args
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
 
 
 def test_a_saved_model_evaluates_like_its_run(setup, tmp_path, capsys):
@@ -121,72 +230,69 @@ def test_results_are_not_overwritten_without_overwrite(setup, tmp_path, capsys):
     assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 1
 
 
-def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
-    voc = tmp_path / "voc"
-    shutil.copytree(setup["data"], voc)
-    info = tfrecord.load_dataset_info(str(voc))
-    info.update(num_classes=21, label_space="voc", class_names=[f"c{i}" for i in range(21)])
-    tfrecord.write_dataset_info(str(voc), info)
-    cases = [
-        (["--model", str(tmp_path / "nothing"), "--data", setup["data"]], "no such file or directory"),
-        (["--model", setup["run"], "--data", str(tmp_path / "nothing")], "no such directory"),
-        (["--model", setup["run"], "--data", setup["data"], "--split", "test"], "no split 'test'"),
-        (["--model", setup["run"], "--data", str(voc)], "not the same label space"),
-        (["--model", setup["run"], "--data", setup["data"], "--overlap", "1"], "--overlap"),
-    ]
-    for args, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            evaluate.main(["--no-progress", "--output", str(tmp_path / "out"), *args])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2, args
-        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+# --------------------------------------------------------------------------- the contract's graph
 
 
-# --------------------------------------------------------------------------- sliding windows and flips
-
-
-def pointwise_segmenter(num_classes=5):
+def pointwise_model(num_classes=5):
     """A model whose every pixel's output depends on that pixel alone: any tiling must give the whole-image answer."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((None, None, 3))
     hidden = keras.layers.Conv2D(8, 1, activation="tanh")(inputs)
-    model = keras.Model(inputs, keras.layers.Conv2D(num_classes, 1)(hidden))
-    info = {"input_size": [32, 64], "num_classes": num_classes, "class_names": [f"c{i}" for i in range(num_classes)],
-            "colors": [[i * 40, 0, 0] for i in range(num_classes)], "ignore_index": 255, "label_space": "test"}
-    return model, inference.segmenter_from_model(model, info)
+    return keras.Model(inputs, keras.layers.Conv2D(num_classes, 1)(hidden))
 
 
 @pytest.mark.parametrize("size, overlap, flip", [((70, 150), 1 / 3, False), ((45, 200), 0.5, True),
                                                  ((20, 30), 0.25, False)])
 def test_sliding_window_equals_the_whole_image_for_a_per_pixel_model(size, overlap, flip):
-    model, segmenter = pointwise_segmenter()
+    model = pointwise_model()
     image = np.random.default_rng(1).integers(0, 256, (*size, 3), dtype=np.uint8)
     expected = tf.nn.softmax(model(image[None].astype(np.float32) / 255.0)).numpy()[0]
-    got = inference.sliding_window_probabilities(segmenter, image, overlap=overlap, flip=flip, batch_size=3)
-    assert got.shape == (*size, 5)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-    prediction = inference.predict_image(segmenter, image, "slide", flip=flip, overlap=overlap)
-    assert prediction.class_ids.shape == size and prediction.class_ids.dtype == np.uint8
-    np.testing.assert_allclose(prediction.confidence, expected.max(-1), atol=1e-5)
+    contract = contracts.InferenceContract("none", None, "slide", (32, 64), overlap)
+    got = contracts.contract_probabilities(image[None], contracts.keras_model_fn(model), contract, 5, flip=flip)
+    assert got.shape == (1, *size, 5)
+    np.testing.assert_allclose(got[0], expected, atol=1e-5)
 
 
-def test_flip_averaging_is_the_mean_of_the_image_and_its_mirror():
-    model, segmenter = pointwise_segmenter()
-    images = np.random.default_rng(2).integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)
-    plain = tf.nn.softmax(model(images.astype(np.float32) / 255.0)).numpy()
-    got = inference.predict_probabilities_resized(segmenter, images, flip=True).numpy()
-    # Per pixel, the mirror image's answer flipped back is the image's own: a missing flip back, or one
-    # along the wrong axis, would not match.
-    np.testing.assert_allclose(got, plain, atol=1e-5)
+def column_dependent_fn(window_width):
+    """Softmax of logits that depend on the pixel, on its column in the window and on the window's content:
+    neither flip- nor scale-equivariant, so any skipped flip or scale changes the average."""
+    weights = tf.constant(np.random.default_rng(4).normal(size=(3, 4)), tf.float32)
+    ramp = tf.constant(np.linspace(-2, 2, window_width), tf.float32)
+
+    def model_fn(x):
+        x = tf.cast(x, tf.float32)
+        logits = tf.einsum("nhwk,kc->nhwc", x, weights) * 3.0
+        logits += ramp[None, None, :, None] * tf.constant([1.0, -1.0, 0.5, 0.0])
+        logits += tf.reduce_mean(x, axis=[1, 2, 3])[:, None, None, None] * tf.constant([0.0, 2.0, -2.0, 1.0])
+        return tf.nn.softmax(logits)
+
+    return model_fn
+
+
+@pytest.mark.parametrize("resize, scale", [("stretch", (16, 32)), ("keep_ratio", (16, 40)), ("none", None)])
+def test_flip_and_multi_scale_averaging_against_a_reference(resize, scale):
+    window, scales = (16, 32), (0.5, 1.0, 1.5)
+    model_fn = column_dependent_fn(window[1])
+    image = np.random.default_rng(3).integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    contract = contracts.InferenceContract(resize, scale, "slide", window)
+    got = contracts.contract_probabilities(image[None], model_fn, contract, 4, flip=True, scales=scales).numpy()[0]
+    numpy_fn = lambda x: model_fn(x).numpy()  # noqa: E731
+    expected = reference_probabilities(image, numpy_fn, resize, scale, window, flip=True, scales=scales)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    # The reference tells the variants apart: without the flip, or without any one scale, it is another answer.
+    for variant in [dict(flip=False, scales=scales)] + [dict(flip=True, scales=tuple(s for s in scales if s != left))
+                                                        for left in scales]:
+        other = reference_probabilities(image, numpy_fn, resize, scale, window, **variant)
+        assert np.abs(other - expected).max() > 1e-3, variant
 
 
 @pytest.mark.parametrize("length, tile, stride, expected", [
-    (300, 128, 86, [0, 86, 172]), (128, 128, 64, [0]), (100, 128, 64, [0]), (257, 128, 128, [0, 128, 129]),
+    (300, 128, 86, [0, 86, 172]), (128, 128, 64, [0]), (257, 128, 128, [0, 128, 129]), (214, 128, 43, [0, 43, 86]),
 ])
 def test_window_offsets_cover_the_length_and_end_at_the_edge(length, tile, stride, expected):
-    offsets = inference.window_offsets(length, tile, stride)
+    offsets = contracts.window_offsets(tf.constant(length), tile, stride).numpy().tolist()
     assert offsets == expected
-    assert offsets[-1] + tile >= length and all(b - a <= stride for a, b in zip(offsets, offsets[1:]))
+    assert offsets[-1] + tile == length and all(b - a <= stride for a, b in zip(offsets, offsets[1:]))
 
 
 def test_confusion_matrix_picture_shades_rows_by_share():

@@ -56,6 +56,9 @@ def test_layout_and_labels_asset(exported):
     assert labels["colors"] == [list(c) for c in space.class_colors]
     assert labels["ignore_index"] == 255 and labels["label_space"] == "trainid"
     assert labels["input_size"] == [64, 128] and labels["preset"] == "unet_small" and labels["num_classes"] == 19
+    # a run recorded without a contract, trained by stretching: it keeps stretching
+    assert labels["inference"] == {"resize": "stretch", "scale": [64, 128], "mode": "whole", "input_size": [64, 128],
+                                   "overlap": 1 / 3}
 
 
 # Runs in a fresh interpreter where importing keras_seg fails: the export must stand on TF alone.
@@ -107,7 +110,7 @@ def test_tf_serving_request_in_a_process_without_keras_seg(exported, photos, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["keras_seg_imported"] is False
-    assert report["signatures"] == ["probabilities", "segment_uint8", "serving_default"]
+    assert report["signatures"] == ["model_probabilities", "probabilities", "segment_uint8", "serving_default"]
     assert report["inputs"] == {"images": ["string", [None]]}
     assert report["outputs"] == {"class_ids": ["int32", [None, None, None]],
                                  "confidence": ["float32", [None, None, None]]}
@@ -123,8 +126,8 @@ def test_tf_serving_request_in_a_process_without_keras_seg(exported, photos, tmp
     assert np.all(out["confidence"] >= 1 / 19 - 1e-6) and np.all(out["confidence"] <= 1 + 1e-6)
     # the uint8 signature gives the same answer on the same (lossless) pixels
     np.testing.assert_array_equal(out["uint8_class_ids"][0], out["class_ids"][1])
-    # probabilities at the model's input size, each pixel a distribution
-    assert out["probabilities"].shape == (1, 64, 128, 19)
+    # probabilities at the image's size, each pixel a distribution
+    assert out["probabilities"].shape == (1, 96, 200, 19)
     np.testing.assert_allclose(out["probabilities"].sum(-1), 1.0, atol=1e-5)
 
 
@@ -153,6 +156,7 @@ def test_mixed_precision_run_exports_a_float32_graph(tmp_path, precision):
     float32_model, _ = load_run_model(run)
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 128, 3), dtype=np.uint8)
     served = tf.saved_model.load(path).signatures["probabilities"](images=tf.constant(images))["probabilities"]
+    assert served.shape == (2, 64, 128, 19)  # images at the contract's scale: neither resized nor windowed
     expected = tf.nn.softmax(float32_model(images.astype(np.float32) / 255.0))
     np.testing.assert_allclose(served.numpy(), expected.numpy(), atol=1e-5)
 

@@ -86,7 +86,7 @@ def test_panels_are_scaled_to_the_panel_height(setup, tmp_path):
 
 def test_cityscapes_labelids_for_the_official_script(setup, tmp_path):
     run_predict("--model", setup["run"], "--input", str(setup["photos"]), "--output", str(tmp_path),
-                "--format", "cityscapes-labelids", "--full-res", "--flip")
+                "--format", "cityscapes-labelids", "--flip")
     written = sorted(os.path.relpath(os.path.join(r, f), tmp_path) for r, _, fs in os.walk(tmp_path) for f in fs)
     assert written == ["frankfurt/frankfurt_000000_000001_pred_labelIds.png", "lindau_000000_000002_pred_labelIds.png"]
     label_ids = cv2.imread(str(tmp_path / written[1]), cv2.IMREAD_UNCHANGED)
@@ -139,10 +139,10 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
 def test_full_resolution_cityscapes_photos(setup, shared_data, tmp_path):
     photos = sorted((shared_data / "cityscapes_fullres_nogt").rglob("*_leftImg8bit.png"))
     assert photos, "no photos in cityscapes_fullres_nogt"
-    # resize mode on one, sliding windows (big tiles, resized to the model's input) on another
+    # by the run's contract on one, flip-averaged as labelIds on another
     run_predict("--model", setup["run"], "--input", str(photos[0]), "--output", str(tmp_path / "resize"))
     run_predict("--model", setup["run"], "--input", str(photos[-1]), "--output", str(tmp_path / "slide"),
-                "--full-res", "--tile", "512x1024", "--format", "cityscapes-labelids")
+                "--flip", "--format", "cityscapes-labelids")
     height, width = read_rgb(photos[0]).shape[:2]
     assert (height, width) == (1024, 2048)
     assert read_rgb(tmp_path / "resize" / f"{photos[0].stem}_mask.png").shape == (1024, 2048, 3)
@@ -168,3 +168,47 @@ def test_cityscapes_labelids_ground_truth_is_mapped_to_train_ids(setup, tmp_path
     colors = np.zeros((256, 3), np.uint8)
     colors[:19] = SPACE.class_colors
     np.testing.assert_array_equal(panel[:, 2 * PHOTO_SIZE[1] + 8:], colors[mask])
+
+
+def class_ids_of_mask_png(path):
+    """Class ids back from a colour-coded mask PNG (the label space's colours are distinct)."""
+    mask = read_rgb(path).astype(np.int64)
+    colors = np.array(SPACE.class_colors, np.int64)
+    matches = (mask[..., None, :] == colors).all(-1)
+    assert matches.any(-1).all()
+    return matches.argmax(-1)
+
+
+def test_exif_orientation_is_applied(setup, tmp_path):
+    from PIL import Image
+
+    image, _ = setup["scenes"]["lindau_000000_000002_leftImg8bit"]
+    stored = image[:64, :128]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    raw = cv2.imdecode(np.fromfile(str(tmp_path / "turned.jpg"), np.uint8),
+                       cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)[:, :, ::-1]
+    assert raw.shape == (64, 128, 3)
+    upright = np.ascontiguousarray(np.rot90(raw, k=-1))
+    cv2.imwrite(str(tmp_path / "upright.png"), upright[:, :, ::-1])
+    run_predict("--model", setup["run"], "--input", str(tmp_path / "turned.jpg"), str(tmp_path / "upright.png"),
+                "--output", str(tmp_path / "out"))
+    turned = class_ids_of_mask_png(tmp_path / "out" / "turned_mask.png")
+    assert turned.shape == (128, 64)  # as a photo viewer shows it
+    np.testing.assert_array_equal(turned, class_ids_of_mask_png(tmp_path / "out" / "upright_mask.png"))
+
+
+def test_the_export_serves_what_predict_writes(setup, tmp_path):
+    from keras_seg import export
+
+    saved = export.export_saved_model(setup["run"], tmp_path / "models", log=lambda _: None)
+    run_predict("--model", setup["run"], "--input", str(setup["photos"]), "--output", str(tmp_path / "out"))
+    serving = tf.saved_model.load(saved).signatures["serving_default"]
+    for name, suffix in (("frankfurt/frankfurt_000000_000001_leftImg8bit", ".png"),
+                         ("lindau_000000_000002_leftImg8bit", ".jpg")):
+        encoded = (setup["photos"] / f"{name}{suffix}").read_bytes()
+        served = serving(images=tf.constant([encoded]))["class_ids"].numpy()[0]
+        written = class_ids_of_mask_png(tmp_path / "out" / f"{name}_mask.png")
+        assert served.shape == written.shape == PHOTO_SIZE
+        assert np.mean(served == written) >= 0.999  # float32 graphs of one model: rare ties at most
