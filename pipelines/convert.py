@@ -177,7 +177,9 @@ def plan_splits(source, splits=None, val_fraction=None) -> dict:
         samples = plan[split] if split in plan else source.list_samples(split)
         if not samples:
             raise ConversionError(source.root, f"split '{split}' is empty")
-        result[split] = samples
+        # TensorFlow Datasets calls it "validation"; training, evaluation and these docs say "val".
+        name = "val" if split == "validation" and "val" not in wanted else split
+        result[name] = samples
     return result
 
 

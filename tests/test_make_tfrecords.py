@@ -267,6 +267,17 @@ def test_pairs_real_files_and_contiguous_val_fraction(shared_data, tmp_path):
         assert set(np.unique(mask).tolist()) <= set(range(19)) | {255}
 
 
+def test_pairs_kaggle_layout_converts_train_and_val_as_they_come(shared_data, tmp_path):
+    """The Kaggle download has train/ and val/: the README's command converts both, no --val-fraction."""
+    copy_pairs(shared_data, tmp_path / "pairs", 4)
+    (tmp_path / "pairs" / "val").mkdir()
+    for i in (1, 2):
+        shutil.copy(shared_data / "cityscapes_pairs" / "train" / f"{i + 4}.jpg", tmp_path / "pairs" / "val" / f"{i}.jpg")
+    assert run("cityscapes-pairs", "--input", tmp_path / "pairs", "--output", tmp_path / "o", "--workers", 1) == 0
+    assert [n for *_, n, _ in read_split(tmp_path / "o", "train")] == [f"train/{i}.jpg" for i in range(1, 5)]
+    assert [n for *_, n, _ in read_split(tmp_path / "o", "val")] == ["val/1.jpg", "val/2.jpg"]
+
+
 def test_pairs_category_label_space(shared_data, tmp_path):
     copy_pairs(shared_data, tmp_path / "pairs", 2)
     run("cityscapes-pairs", "--input", tmp_path / "pairs", "--output", tmp_path / "t", "--workers", 1)
@@ -359,6 +370,16 @@ def test_tfds_cityscapes_with_mock_data(tmp_path):
     for (image, mask, _, _), img, lab in zip(got, images, labels):
         np.testing.assert_array_equal(image, img)  # stored losslessly
         np.testing.assert_array_equal(mask, reference_map(lab[..., 0], TRAIN_IDS))
+
+
+def test_tfds_validation_split_is_written_as_val(tmp_path):
+    mock, images, _ = _mock_cityscapes([0, 7, 8, 24, 26, 33, 9])
+    with mock:
+        assert run("tfds", "--tfds-name", "cityscapes/semantic_segmentation", "--output", tmp_path / "o",
+                   "--split", "validation", "--workers", 1) == 0
+    info = json.loads((tmp_path / "o" / "dataset_info.json").read_text())
+    assert sorted(info["splits"]) == ["val"]
+    np.testing.assert_array_equal(read_split(tmp_path / "o", "val")[0][0], images[0])
 
 
 def test_tfds_default_random_masks_are_rejected(tmp_path, capsys):

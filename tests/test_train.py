@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_seg import demo, tfrecord
+from contract_reference import keras_probabilities, numpy_confusion, reference_probabilities
+from keras_seg import demo, evaluate, tfrecord
 from keras_seg import train as train_cli
 from keras_seg.trainer import Trainer
 
@@ -166,6 +167,41 @@ def test_mirrored_replicas_train_the_one_device_model(ignore_data, tmp_path, rep
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
+def test_crop_trained_run_validates_as_evaluate_and_an_independent_computation(tmp_path, capsys):
+    """A scale_crop run (64x128 crops of 96x192 images): its last validation, `evaluate`'s default on the
+    same weights, and a numpy computation of the contract (sliding windows over the whole image at its
+    base scale, scored at the original resolution) give one mIoU."""
+    data = str(tmp_path / "data")
+    demo.write_demo_dataset(data, splits={"train": 8, "val": 3}, size=(96, 192), log=lambda _: None)
+    run = tmp_path / "run"
+    config = make_config(data, run, "--iters", "6", "--val-every", "3", "--resize-mode", "scale_crop",
+                         "--base-scale", "96x192", "--ratio-range", "0.75,1.5", "--cat-max-ratio", "0.75")
+    assert config.augment["scale_prob"] == 0.0  # the preset's on-device scale gives way to the reader's
+    Trainer(config, log=lambda _: None).run()
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["inference"] == {"resize": "keep_ratio", "scale": [96, 192], "mode": "slide",
+                                     "input_size": [64, 128], "overlap": 1 / 3}
+    last_validation = float(read_history(run)[-1]["val_miou"])
+
+    assert evaluate.main(["--no-progress", "--model", str(run / "last.keras"), "--data", data, "--output",
+                          str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["miou"]
+
+    model_fn = keras_probabilities(keras.saving.load_model(run / "last.keras", compile=False))
+    masks, predictions = [], []
+    for shard in tfrecord.load_dataset_info(data)["splits"]["val"]["shards"]:
+        for record in tfrecord.read_records(os.path.join(data, shard)):
+            image, mask, _ = tfrecord.decode_arrays(record)
+            probabilities = reference_probabilities(image, model_fn, "keep_ratio", (96, 192), (64, 128))
+            predictions.append(probabilities.argmax(-1))
+            masks.append(mask)
+    cm = numpy_confusion(masks, predictions).astype(float)
+    union = cm.sum(0) + cm.sum(1) - np.diag(cm)
+    independent = np.nanmean(np.where(union > 0, np.diag(cm) / np.maximum(union, 1), np.nan))
+    assert abs(last_validation - evaluated) < 1e-4, (last_validation, evaluated)
+    assert abs(evaluated - independent) < 1e-4, (evaluated, independent)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,6 +234,12 @@ def test_multiworker_two_local_processes_agree(tiny_data, tmp_path):
     (["--nesterov"], "--nesterov applies to --optimizer sgd only"),
     (["--strategy", "tpu"], "--strategy tpu is not supported: the confusion-matrix metrics count pixels in a float64"),
     (["--devices", "2"], "--devices applies to --strategy mirrored only"),
+    (["--resize-mode", "scale_crop"], "--resize-mode scale_crop needs --base-scale HxW"),
+    (["--resize-mode", "scale_crop", "--base-scale", "64x128", "--augment", "scale_range=0.5,2"],
+     "--augment scale_range: with --resize-mode scale_crop the reader draws the scale"),
+    (["--base-scale", "64x128"], "--base-scale and --inference-mode apply to --resize-mode scale_crop only"),
+    (["--resize-mode", "scale_crop", "--base-scale", "64x128", "--ratio-range", "2,1"], "--ratio-range must be"),
+    (["--resize-mode", "scale_crop", "--base-scale", "64x128", "--cat-max-ratio", "1.5"], "--cat-max-ratio must be"),
 ])
 def test_bad_values_are_one_line_errors(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
