@@ -35,6 +35,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- model and data
     preset: str = "unet_silu"
+    recipe: Optional[str] = None  # keras_seg.recipes: full-resolution training settings over the preset's
     model: dict = dataclasses.field(default_factory=dict)  # "architecture" + the builder's arguments
     image_size: list = dataclasses.field(default_factory=lambda: [256, 512])
     data: Optional[str] = None

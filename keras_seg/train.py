@@ -22,6 +22,7 @@ import sys
 from keras_seg.config import ConfigError, TrainConfig, set_length, validate
 from keras_seg.config import OPTIMIZERS, PRECISIONS, RESIZE_MODES, SCHEDULES, STRATEGIES  # noqa: F401 (CLI choices)
 from keras_seg.models.presets import get_preset, list_presets
+from keras_seg.recipes import RECIPES, get_recipe
 
 # Settings a resumed run may change: they decide how long it runs and what it reports, not what
 # it computes on the way. Every other setting is refused with --resume (the run continues as recorded).
@@ -62,6 +63,9 @@ def build_parser():
     )
     parser.add_argument("--preset", default="unet_silu", choices=list_presets(),
                         help="model and training defaults (default: unet_silu)")
+    parser.add_argument("--recipe", choices=list(RECIPES),
+                        help="full-resolution training settings over the preset's: cityscapes_fullres, voc_fullres "
+                             "(docs/training.md#full-resolution-recipes)")
     parser.add_argument("--data", help="TFRecord directory from tools/make_tfrecords.py (needs train and val)")
     parser.add_argument("--output", help="run directory (default: runs/PRESET, or runs/PRESET-2, ... if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
@@ -173,6 +177,10 @@ def resolve_config(args, demo_dir=None) -> TrainConfig:
     config = TrainConfig(preset=args.preset, model=copy.deepcopy(preset["model"]),
                          image_size=list(preset["input_size"]))
     _apply(config, copy.deepcopy(preset.get("train", {})))
+    if args.recipe:
+        if args.data is None:
+            raise ConfigError(f"--recipe {args.recipe} is for the full-resolution data set: give --data DIR")
+        _apply(config, get_recipe(args.recipe))
     if args.data is None:
         _apply(config, copy.deepcopy(preset.get("demo", {})))
     given = given_settings(args)

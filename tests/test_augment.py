@@ -226,3 +226,42 @@ def test_config_validation():
         AugmentConfig(image_interpolation="bicubic")
     with pytest.raises(TypeError, match="integer"):
         augment_segmentation(np.zeros((1, 4, 4, 3), np.float32), np.zeros((1, 4, 4), np.float32), tf.constant([0, 0]))
+
+
+# --------------------------------------------------------------------------- photometric, per sample
+
+
+def _drawn(config, column, low, high, seed, batch):
+    """The parameter each sample drew for one transform (the draws are the module's; the transform is not)."""
+    from keras_seg import augment
+
+    draws, _ = augment._draws(tf.constant(seed, tf.int64), batch, config)
+    return low + draws[:, column].numpy() * (high - low)
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
+def test_photometric_transforms_equal_tf_image_for_the_drawn_parameters(name):
+    from keras_seg import augment
+
+    rng = np.random.default_rng(8)
+    images = rng.uniform(0.05, 0.95, (10, 12, 16, 3)).astype(np.float32)
+    masks = np.zeros((10, 12, 16), np.uint8)
+    seed = (3, 9)
+    config = AugmentConfig.disabled(**{f"{name}_prob": 0.5})
+    column, on_column, low, high, adjust = {
+        "brightness": (augment._BRIGHT, augment._BRIGHT_ON, -config.brightness_delta, config.brightness_delta,
+                       tf.image.adjust_brightness),
+        "contrast": (augment._CONTRAST, augment._CONTRAST_ON, *config.contrast_range, tf.image.adjust_contrast),
+        "saturation": (augment._SAT, augment._SAT_ON, *config.saturation_range, tf.image.adjust_saturation),
+        "hue": (augment._HUE, augment._HUE_ON, -config.hue_delta, config.hue_delta, tf.image.adjust_hue),
+    }[name]
+    parameters = _drawn(config, column, low, high, seed, 10)
+    chosen = _drawn(config, on_column, 0.0, 1.0, seed, 10) < 0.5
+    assert 0 < chosen.sum() < 10  # both kinds of sample are checked
+    out, _ = run(images, masks, seed=seed, config=config)
+    for k in range(10):
+        expected = images[k]
+        if chosen[k]:
+            expected = np.clip(adjust(images[k], float(parameters[k])).numpy(), 0.0, 1.0)
+        np.testing.assert_allclose(out[k], expected, atol=2e-6 if name in ("brightness", "contrast") else 1e-5,
+                                   err_msg=f"{name} sample {k} (chosen {chosen[k]}, parameter {parameters[k]:.4f})")

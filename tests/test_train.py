@@ -20,6 +20,7 @@ import tensorflow as tf
 from contract_reference import keras_probabilities, numpy_confusion, reference_probabilities
 from keras_seg import demo, evaluate, tfrecord
 from keras_seg import train as train_cli
+from keras_seg.models.presets import get_preset
 from keras_seg.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,6 +203,24 @@ def test_crop_trained_run_validates_as_evaluate_and_an_independent_computation(t
     assert abs(evaluated - independent) < 1e-4, (evaluated, independent)
 
 
+@pytest.mark.parametrize("recipe, crop, base_scale, inference", [
+    ("cityscapes_fullres", [512, 1024], [1024, 2048], {"resize": "keep_ratio", "scale": [1024, 2048], "mode": "whole",
+                                                       "input_size": [1024, 2048], "overlap": 1 / 3}),
+    ("voc_fullres", [512, 512], [512, 2048], {"resize": "keep_ratio", "scale": [512, 2048], "mode": "slide",
+                                              "input_size": [512, 512], "overlap": 1 / 3}),
+])
+def test_full_resolution_recipes_resolve_over_any_preset(tiny_data, recipe, crop, base_scale, inference):
+    for preset in ("unet_silu", "unet_small"):
+        args = train_cli.build_parser().parse_args(["--preset", preset, "--recipe", recipe, "--data", tiny_data,
+                                                    "--iters", "100"])
+        config = train_cli.resolve_config(args)
+        assert (config.image_size, config.base_scale, config.inference) == (crop, base_scale, inference)
+        assert (config.optimizer, config.learning_rate, config.schedule, config.poly_power) == ("sgd", 0.01, "poly", 0.9)
+        assert config.scale_lr_to_batch == 8 and config.augment["scale_prob"] == 0.0 and config.recipe == recipe
+        assert config.iters == 100  # the command line still has the last word
+        assert config.model["base_filters"] == get_preset(preset)["model"]["base_filters"]  # the preset's model
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,6 +254,7 @@ def test_multiworker_two_local_processes_agree(tiny_data, tmp_path):
     (["--strategy", "tpu"], "--strategy tpu is not supported: the confusion-matrix metrics count pixels in a float64"),
     (["--devices", "2"], "--devices applies to --strategy mirrored only"),
     (["--resize-mode", "scale_crop"], "--resize-mode scale_crop needs --base-scale HxW"),
+    (["--recipe", "voc_fullres"], "--recipe voc_fullres is for the full-resolution data set: give --data DIR"),
     (["--resize-mode", "scale_crop", "--base-scale", "64x128", "--augment", "scale_range=0.5,2"],
      "--augment scale_range: with --resize-mode scale_crop the reader draws the scale"),
     (["--base-scale", "64x128"], "--base-scale and --inference-mode apply to --resize-mode scale_crop only"),
