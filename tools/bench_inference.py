@@ -5,11 +5,13 @@ weights: latency does not depend on them), exported by `keras_seg.export`:
 
   serving_default     the exported SavedModel, loaded with tf.saved_model.load, one image per call
                       as encoded bytes (the photo's PNG, and the same pixels as JPEG quality 90):
-                      decode, resize to 128x256, predict, softmax resized back to 2048x1024, arg-max
+                      decode, resize to 128x256 (the run's contract), predict, softmax resized back
+                      to 2048x1024, arg-max
   segment_uint8       the same on decoded pixels: the share of the decoding
-  slide               `predict --full-res`'s inference: sliding 128x256 windows with 1/3 overlap over
-                      the photo at full resolution (Keras model, float32), `--batch-size` tiles a call
-  predict --full-res  per image in the command's loop: read the PNG, slide, write mask, overlay and panel
+  slide               the contract of a run trained on crops: sliding 128x256 windows with 1/3 overlap
+                      over the photo at full resolution (Keras model, float32)
+  predict             per image in the command's loop: read the PNG, infer by the contract, write mask,
+                      overlay and panel
 
 Each figure is the median of `--repeats` timed calls after one warm-up call. Other work on the
 machine slows every figure alike; the load average is printed before and after.
@@ -71,7 +73,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", default=DEFAULT_PHOTOS, help="folder searched for *.png photos")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure (after one warm-up)")
-    parser.add_argument("--batch-size", type=int, default=8, help="tiles per model call when sliding")
     parser.add_argument("--flip", action="store_true", help="also time sliding windows with flip averaging")
     args = parser.parse_args(argv)
     photos = sorted(glob.glob(os.path.join(args.photos, "**", "*.png"), recursive=True))
@@ -107,22 +108,27 @@ def main(argv=None) -> int:
         rows.append(("segment_uint8, decoded pixels (resize mode)",
                      timed(lambda: segment(images=pixels)["class_ids"].numpy(), args.repeats)))
 
+        from keras_seg import contract
+
         segmenter = inference.load_segmenter(run)
-        tile = "x".join(str(v) for v in segmenter.input_size)
+        tile = tuple(segmenter.input_size)
+        sliding = contract.InferenceContract("none", None, "slide", tile)
+        slide = tf.function(lambda x, flip: contract.contract_probabilities(
+            x, segmenter.model_function, sliding, segmenter.num_classes, flip=flip), reduce_retracing=True)
         flips = (False, True) if args.flip else (False,)
         for flip in flips:
-            seconds = timed(lambda flip=flip: inference.predict_image(segmenter, image, "slide", flip=flip,
-                                                                      batch_size=args.batch_size), args.repeats)
-            rows.append((f"slide, {tile} tiles, overlap 1/3{', flip' if flip else ''} (Keras, float32)", seconds))
+            seconds = timed(lambda flip=flip: slide(tf.constant(image[None]), flip).numpy(), args.repeats)
+            rows.append((f"slide, {tile[0]}x{tile[1]} tiles, overlap 1/3{', flip' if flip else ''} (Keras, float32)",
+                         seconds))
         out = os.path.join(scratch, "out")
 
         def predict_one():
             photo = predict.read_image(photos[0])
-            prediction = inference.predict_image(segmenter, photo, "slide", batch_size=args.batch_size)
+            prediction = segmenter.predict(photo)
             paths = [os.path.join(out, f"p_{suffix}.png") for suffix in ("mask", "overlay", "panel")]
             predict.write_outputs(paths, photo, prediction.class_ids, segmenter, "color")
 
-        rows.append(("predict --full-res per image (read, slide, write 3 PNGs)", timed(predict_one, args.repeats)))
+        rows.append(("predict per image (read, infer by the contract, write 3 PNGs)", timed(predict_one, args.repeats)))
 
     width = max(len(name) for name, _ in rows)
     print(f"\n{'path':<{width}}  seconds / 2048x1024 image (median of {args.repeats})")
