@@ -48,8 +48,8 @@ _EXPORTS = {
     # inference, evaluation, export
     "load_segmenter": "keras_seg.inference",
     "Segmenter": "keras_seg.inference",
-    "predict_image": "keras_seg.inference",
-    "sliding_window_probabilities": "keras_seg.inference",
+    "InferenceContract": "keras_seg.contract",
+    "contract_probabilities": "keras_seg.contract",
     "InferenceError": "keras_seg.inference",
     "evaluate_split": "keras_seg.evaluate",
     "export_saved_model": "keras_seg.export",

@@ -172,8 +172,13 @@ def draw_scene(rng: np.random.Generator, size=DEMO_SIZE):
     return image, mask
 
 
-def write_demo_dataset(directory: str, splits=None, size=DEMO_SIZE, log=print) -> str:
-    """Writes the demo dataset to `directory` (if it is not there already); returns the directory."""
+def write_demo_dataset(directory: str, splits=None, size=DEMO_SIZE, log=print, progress=False) -> str:
+    """Writes the demo dataset to `directory` (if it is not there already); returns the directory.
+
+    `progress` shows a progress bar over the scenes (on stderr).
+    """
+    from tqdm import tqdm
+
     splits = splits or DEMO_SPLITS
     if os.path.exists(os.path.join(directory, tfrecord.DATASET_INFO_NAME)):
         return directory
@@ -181,6 +186,7 @@ def write_demo_dataset(directory: str, splits=None, size=DEMO_SIZE, log=print) -
     os.makedirs(parent, exist_ok=True)
     log(f"writing the demo dataset ({', '.join(f'{n} {s}' for s, n in splits.items())} scenes) to {directory}")
     staging = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    bar = tqdm(total=sum(splits.values()), unit="scene", desc="demo data", disable=not progress)
     try:
         space = cityscapes_label_space("trainid")
         infos = {}
@@ -194,6 +200,7 @@ def write_demo_dataset(directory: str, splits=None, size=DEMO_SIZE, log=print) -
                 png = cv2.imencode(".png", mask)[1].tobytes()
                 writer.write(tfrecord.encode_example(jpeg, "jpeg", png, *size, f"demo/{split}/{i:05d}"), i)
                 counts += np.bincount(mask.ravel(), minlength=256)
+                bar.update(1)
             writer.close()
             infos[split] = {
                 "num_examples": count,
@@ -213,6 +220,7 @@ def write_demo_dataset(directory: str, splits=None, size=DEMO_SIZE, log=print) -
             if not os.path.exists(os.path.join(directory, tfrecord.DATASET_INFO_NAME)):
                 raise  # otherwise another process finished first: use its copy
     finally:
+        bar.close()
         if os.path.exists(staging):
             shutil.rmtree(staging)
     return directory

@@ -244,7 +244,9 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: --limit must be >= 0, got {args.limit}\n")
     if args.scales and not args.tta:
         parser.exit(2, "error: --scales applies with --tta\n")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_seg.quiet import import_tensorflow
+
+    import_tensorflow()
     import tensorflow as tf
 
     from keras_seg import contract, inference, metrics, visualize

@@ -45,7 +45,8 @@ def next_version(model_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
-def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=False, log=print) -> str:
+def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=False, log=print,
+                       progress=False) -> str:
     """Export `run_dir`'s best model to `output_dir/name/version`; returns that directory.
 
     Args:
@@ -55,6 +56,7 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
         version: version number (default: one above the highest present, or 1).
         overwrite: replace an existing version.
         log: where progress lines go.
+        progress: show a progress bar over the export's stages (on stderr).
 
     Raises:
         ExportError: bad name or version, or the version exists and `overwrite` is off.
@@ -76,7 +78,11 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
         raise ExportError(f"{final} exists: choose another --version, leave --version out for the next one, "
                           "or --overwrite")
 
-    model, info = inference.load_run_model(run_dir)
+    from tqdm import tqdm
+
+    model, info = inference.load_run_model(run_dir)  # a bad run fails here, before any bar or folder
+    bar = tqdm(total=2, desc="export", unit="stage", disable=not progress,
+               bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| {postfix} [{elapsed}]")
     os.makedirs(model_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir)
     try:
@@ -94,12 +100,18 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
 
         # Serving needs no gradients; tracing them would double the export time.
         options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        bar.set_postfix_str("tracing the signatures and writing the SavedModel")
         tf.saved_model.save(module, saved, signatures=module.signatures(), options=options)
+        bar.update(1)
+        bar.set_postfix_str("moving it into place")
         if os.path.exists(final):  # --overwrite: move the old version aside, then swap
             old = os.path.join(staging, "replaced")
             os.replace(final, old)
         os.replace(saved, final)
+        bar.update(1)
+        bar.set_postfix_str("done")
     finally:
+        bar.close()
         shutil.rmtree(staging, ignore_errors=True)
     return final
 
@@ -116,17 +128,21 @@ def build_parser():
                                        "(default: the run directory's name)")
     parser.add_argument("--version", type=int, help="version number (default: one above the highest in DIR/NAME)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/NAME/VERSION")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_seg.quiet import import_tensorflow
+
+    import_tensorflow()
     from keras_seg.inference import InferenceError
 
     try:
-        path = export_saved_model(args.run, args.output, args.name, args.version, args.overwrite)
+        path = export_saved_model(args.run, args.output, args.name, args.version, args.overwrite,
+                                  progress=not args.no_progress)
     except (ExportError, InferenceError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     name = os.path.basename(os.path.dirname(path))

@@ -260,7 +260,9 @@ def main(argv=None) -> int:
     check_inference_arguments(parser, args)
     if args.panel_height < 0 or not 0.0 <= args.alpha <= 1.0:
         parser.exit(2, "error: --panel-height must be >= 0 and --alpha in [0, 1]\n")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_seg.quiet import import_tensorflow
+
+    import_tensorflow()
     from tqdm import tqdm
 
     from keras_seg import inference

@@ -19,10 +19,14 @@ import signal
 import subprocess
 import sys
 
-from keras_seg.config import ConfigError, TrainConfig, set_length, validate
-from keras_seg.config import OPTIMIZERS, PRECISIONS, RESIZE_MODES, SCHEDULES, STRATEGIES  # noqa: F401 (CLI choices)
-from keras_seg.models.presets import get_preset, list_presets
-from keras_seg.recipes import RECIPES, get_recipe
+from keras_seg.quiet import import_tensorflow
+
+import_tensorflow()  # before the imports below bring TensorFlow in: without its start-up noise
+
+from keras_seg.config import ConfigError, TrainConfig, set_length, validate  # noqa: E402
+from keras_seg.config import OPTIMIZERS, PRECISIONS, RESIZE_MODES, SCHEDULES, STRATEGIES  # noqa: E402, F401
+from keras_seg.models.presets import get_preset, list_presets  # noqa: E402
+from keras_seg.recipes import RECIPES, get_recipe  # noqa: E402
 
 # Settings a resumed run may change: they decide how long it runs and what it reports, not what
 # it computes on the way. Every other setting is refused with --resume (the run continues as recorded).
@@ -269,7 +273,6 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         if args.resume and args.overwrite:
             raise ConfigError("--resume continues a run, --overwrite starts it afresh: choose one")
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
         if config.data is None:
             from keras_seg.demo import default_cache_dir, write_demo_dataset
 
-            config.data = write_demo_dataset(default_cache_dir())
+            config.data = write_demo_dataset(default_cache_dir(), progress=config.progress)
         check_data(config)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")

@@ -35,6 +35,9 @@ class TfdsSource:
         self._builder = self._prepare(data_dir, manual_dir)
 
     def _prepare(self, data_dir, manual_dir):
+        from keras_seg.quiet import import_tensorflow
+
+        import_tensorflow()
         import tensorflow_datasets as tfds
 
         try:

@@ -272,7 +272,8 @@ def test_pairs_kaggle_layout_converts_train_and_val_as_they_come(shared_data, tm
     copy_pairs(shared_data, tmp_path / "pairs", 4)
     (tmp_path / "pairs" / "val").mkdir()
     for i in (1, 2):
-        shutil.copy(shared_data / "cityscapes_pairs" / "train" / f"{i + 4}.jpg", tmp_path / "pairs" / "val" / f"{i}.jpg")
+        source = shared_data / "cityscapes_pairs" / "train" / f"{i + 4}.jpg"
+        shutil.copy(source, tmp_path / "pairs" / "val" / f"{i}.jpg")
     assert run("cityscapes-pairs", "--input", tmp_path / "pairs", "--output", tmp_path / "o", "--workers", 1) == 0
     assert [n for *_, n, _ in read_split(tmp_path / "o", "train")] == [f"train/{i}.jpg" for i in range(1, 5)]
     assert [n for *_, n, _ in read_split(tmp_path / "o", "val")] == ["val/1.jpg", "val/2.jpg"]

@@ -215,7 +215,7 @@ def test_full_resolution_recipes_resolve_over_any_preset(tiny_data, recipe, crop
                                                     "--iters", "100"])
         config = train_cli.resolve_config(args)
         assert (config.image_size, config.base_scale, config.inference) == (crop, base_scale, inference)
-        assert (config.optimizer, config.learning_rate, config.schedule, config.poly_power) == ("sgd", 0.01, "poly", 0.9)
+        assert (config.optimizer, config.learning_rate, config.schedule) == ("sgd", 0.01, "poly")
         assert config.scale_lr_to_batch == 8 and config.augment["scale_prob"] == 0.0 and config.recipe == recipe
         assert config.iters == 100  # the command line still has the last word
         assert config.model["base_filters"] == get_preset(preset)["model"]["base_filters"]  # the preset's model
