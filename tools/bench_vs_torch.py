@@ -36,13 +36,14 @@ call of its `tf.function` (the trainer runs `steps_per_call` steps in one call).
 Reading it: the header gives the CPU (bf16 matrix units: avx512_bf16, amx), the versions and the
 thread settings; the load average and CPU pressure (the share of time a task waited for a CPU),
 before and after, tell whether other work shared the cores: a load above the core count or a
-pressure well above 0 makes every figure noisy, and PyTorch's can swing far: its OpenMP threads
-spin-wait for each other at every operation, so one thread held off its core stalls them all.
-Seen on a shared 2-core machine: PyTorch's bare step took 0.3 s to 4.5 s, and a steady 0.6 s with
-`OMP_WAIT_POLICY=PASSIVE` in the environment (printed in the header when set). Both parameter counts
-are printed: the trainable ones must be equal, or the two models differ. A wide min - max spread
-of a variant's steps says its median is not to be trusted. The ratios at the end are Keras img/s /
-PyTorch img/s: below 1, the Keras step is the slower one.
+pressure well above 0 makes every figure noisy. PyTorch's OpenMP threads wait for each other at
+every operation; spinning while they wait (libgomp spins a while by default), one thread held off
+its core stalls them all: on a shared 2-core machine PyTorch's bare step then took anywhere from
+0.3 s to 4.5 s. So the script sets `OMP_WAIT_POLICY=PASSIVE` (threads sleep while they wait)
+unless the environment sets it; the header shows it. Both parameter counts are printed: the
+trainable ones must be equal, or the two models differ. A wide min - max spread of a variant's
+steps says its median is not to be trusted. The ratios at the end are Keras img/s / PyTorch
+img/s: below 1, the Keras step is the slower one.
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ import time
 
 import numpy as np
 
-from keras_seg.quiet import import_tensorflow
+# The two runtimes take turns in one process: PyTorch's OpenMP threads must sleep when its step is
+# done, not spin, or they compete with the TensorFlow step that follows; under load from other
+# processes spinning threads also stall each other (see "Reading it" above). Set before anything
+# loads an OpenMP runtime; OMP_WAIT_POLICY=ACTIVE in the environment measures the spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from keras_seg.quiet import import_tensorflow  # noqa: E402
 
 tf = import_tensorflow()
 
@@ -288,7 +295,8 @@ def torch_dice(logits, masks, class_weights, smooth=1.0):
     valid = (masks != IGNORE_INDEX).unsqueeze(1).float()
     labels = torch.where(masks != IGNORE_INDEX, masks, 0)
     probabilities = logits.softmax(dim=1) * valid
-    targets = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float() * valid
+    # One-hot as float32 NCHW directly: F.one_hot would make an int64 NHWC tensor to permute and cast.
+    targets = torch.zeros_like(probabilities).scatter_(1, labels.unsqueeze(1), 1.0) * valid
     pixel_axes = (0, 2, 3)
     intersection = (probabilities * targets).sum(pixel_axes)
     cardinality = probabilities.sum(pixel_axes) + targets.sum(pixel_axes)
