@@ -389,6 +389,12 @@ class Trainer:
                 if self._validated:
                     budget.record_validation(time.perf_counter() - events_started)
                 self._validated = True
+                if not final and budget.plan(step, 0, self._validation_estimate(budget)) <= step:
+                    # Not one more step fits before a final validation: the one just done is the
+                    # last (with --val-every, a validation can fall right before the planned end).
+                    self.log(f"time budget: step {step}'s validation is the last; the run ends here")
+                    self.total_steps = step
+                    break
             if stopped_early:
                 break
         summary = dict(self._best_summary())
