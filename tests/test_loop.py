@@ -338,3 +338,22 @@ def test_a_new_length_on_resume_refits_the_schedule(tiny_data, tmp_path):  # noq
     assert float(trainer.schedule(3)) == pytest.approx(0.5 * config.learning_rate)
     assert float(trainer.schedule(6)) == pytest.approx(0.5 * config.learning_rate * 6 / 9)
     assert float(trainer.schedule(12)) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_the_default_command_ends_within_its_budget_with_fresh_demo_data(tmp_path):
+    """`python -m keras_seg.train` with no --data, as a new user runs it, demo data written afresh into an
+    empty cache (its writing counts against the budget), here with a 1.5-minute budget: the process ends
+    within 5% of it, and the run's validation reports a real mIoU."""
+    env = dict(os.environ, PYTHONPATH=REPO, KERAS_SEG_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "keras_seg.train", "--output", str(tmp_path / "run"), "--time-budget", "1.5",
+               "--no-progress"]
+    started = time.time()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=str(tmp_path))
+    wall = time.time() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert wall <= 1.05 * 90, (wall, result.stdout[-2000:])
+    assert "writing the demo dataset" in result.stdout
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["demo"] is True and recorded["preset"] == "unet_silu"
+    assert 0.0 < json.loads((tmp_path / "run" / "best_metrics.json").read_text())["miou"] <= 1.0

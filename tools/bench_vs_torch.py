@@ -168,7 +168,26 @@ KERAS_VARIANTS = {
     "keras 2  + augmentation": (True, "ce", None, False),
     "keras 3  + CE+Dice, ENet weights": (True, "ce+dice", "enet", False),
     "keras 4  + confusion matrix (trainer)": (True, "ce+dice", "enet", True),
+    # The trainer's step before its cross-entropy left TF's fused sparse kernel (docs/performance.md).
+    "keras 4- before: fused sparse CE": (True, "sparse-ce+dice", "enet", True),
 }
+
+
+class FusedSparseCrossEntropy(losses.CrossEntropyLoss):
+    """keras_seg's cross-entropy as it was: TF's SparseSoftmaxCrossEntropyWithLogits, for comparison."""
+
+    def _pixel_losses(self, y_true, y_pred):
+        labels, valid, logits = losses._labels_and_logits(y_true, y_pred, self.ignore_index)
+        nll = keras.ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        return nll * self._pixel_weights(labels), valid
+
+
+def build_variant_loss(loss_spec, class_weights, counts):
+    if loss_spec != "sparse-ce+dice":
+        return losses.build_loss(loss_spec, num_classes=NUM_CLASSES, class_weights=class_weights,
+                                 class_pixel_counts=counts)
+    weights = losses.compute_class_weights(counts, class_weights)
+    return losses.CombinedLoss([(1.0, FusedSparseCrossEntropy(weights)), (1.0, losses.DiceLoss(class_weights=weights))])
 
 
 def make_keras_step(model, optimizer, loss_fn, augment_config, iou, counter, jit):
@@ -212,8 +231,7 @@ def keras_steps(images, masks, size, augment_config, jit):
     images, masks = tf.constant(images), tf.constant(masks)
     steps = {}
     for name, (augmented, loss_spec, class_weights, with_iou) in KERAS_VARIANTS.items():
-        loss_fn = losses.build_loss(loss_spec, num_classes=NUM_CLASSES, class_weights=class_weights,
-                                    class_pixel_counts=counts)
+        loss_fn = build_variant_loss(loss_spec, class_weights, counts)
         iou = metrics.MeanIoU(NUM_CLASSES) if with_iou else None
         step = make_keras_step(model, optimizer, loss_fn, augment_config if augmented else None, iou, counter, jit)
         steps[name] = lambda step=step: float(step(images, masks))
