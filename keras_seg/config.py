@@ -113,6 +113,10 @@ class TrainConfig:
         unknown = sorted(set(values) - cls.field_names())
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        if "model" in values:
+            from keras_seg.models.presets import recorded_model_config
+
+            values["model"] = recorded_model_config(values["model"])
         return cls(**values)
 
     @property

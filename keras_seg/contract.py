@@ -150,15 +150,16 @@ def keep_ratio_size(height, width, scale, ratio=1.0):
 
 
 def resize_uint8(images, size):
-    """uint8 [N, H, W, 3] -> uint8 at `size`, as the training reader resizes (bilinear, antialiased,
-    rounded); untouched when already at that size."""
-    shape = tf.shape(images)
+    """uint8 [N, H, W, 3] or [H, W, 3] -> uint8 at `size` (bilinear, antialiased, rounded): how the
+    training reader resizes (`keras_seg.data`) and how inference rescales; untouched when already
+    at that size."""
+    shape = tf.shape(images)[-3:-1]
 
     def resize():
         resized = tf.image.resize(images, size, method="bilinear", antialias=True)
         return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
-    return tf.cond(tf.logical_and(shape[1] == size[0], shape[2] == size[1]), lambda: images, resize)
+    return tf.cond(tf.logical_and(shape[0] == size[0], shape[1] == size[1]), lambda: images, resize)
 
 
 def window_offsets(length, tile: int, stride: int):

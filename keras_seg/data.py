@@ -25,6 +25,7 @@ import random
 import tensorflow as tf
 
 from keras_seg import tfrecord
+from keras_seg.contract import keep_ratio_size, resize_uint8
 from keras_seg.labels import IGNORE_INDEX
 
 RESIZE_MODES = ("resize", "crop", "fit", "scale_crop")
@@ -71,10 +72,8 @@ def _size_differs(image, size):
 
 def _resize(image, mask, size):
     def resize():
-        resized = tf.image.resize(image, size, method="bilinear", antialias=True)
-        resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
         resized_mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
-        return resized, resized_mask
+        return resize_uint8(image, size), resized_mask
 
     # Same size (e.g. 256x256 pairs at image_size 256x256): no resampling at all.
     return tf.cond(_size_differs(image, size), resize, lambda: (image, mask))
@@ -154,8 +153,6 @@ def random_scale_crop_example(image, mask, size, base_scale, ratio_range, seed, 
         ratio_range: (low, high).
         seed: int [2] tensor; the result is a function of it.
     """
-    from keras_seg.contract import keep_ratio_size
-
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), CROP_ATTEMPTS + 1, alg="philox")
     low, high = (float(v) for v in ratio_range)
     ratio = low + tf.random.stateless_uniform([], seeds[0]) * (high - low)
@@ -486,8 +483,6 @@ def build_dataset(
             if training:  # rescaled and cropped at random after the cache
                 return image, mask
             shape = tf.shape(image)
-            from keras_seg.contract import keep_ratio_size
-
             image, mask = _resize(image, mask, keep_ratio_size(shape[0], shape[1], base_scale))
             return crop_or_pad_example(image, mask, image_size, ignore_index)
         if training:  # "crop": padded here, randomly cropped after the cache

@@ -294,7 +294,7 @@ def load_run_model(run_dir, checkpoint=None, mode=None, tile=None, overlap=None)
     """
     import keras
 
-    from keras_seg.models.presets import build_model
+    from keras_seg.models.presets import build_model, recorded_model_config
 
     config_path = os.path.join(run_dir, "config.json")
     info_path = os.path.join(run_dir, "dataset_info.json")
@@ -326,7 +326,7 @@ def load_run_model(run_dir, checkpoint=None, mode=None, tile=None, overlap=None)
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy("float32")
     try:
-        entry = {"model": config["model"], "input_size": tuple(contract.input_size)}
+        entry = {"model": recorded_model_config(config["model"]), "input_size": tuple(contract.input_size)}
         model = build_model(entry, info["num_classes"])
         try:
             model.load_weights(checkpoint)

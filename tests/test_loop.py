@@ -184,20 +184,21 @@ sys.exit(train.main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_time_budget_ends_on_time_through_a_slowdown(tiny_data, tmp_path):  # noqa: F811
-    """The command line with a 1-minute budget, in a process of its own (the budget counts from its
+    """The command line with a 2-minute budget, in a process of its own (the budget counts from its
     start); 20 s in, every step takes twice as long (a sleep after each compiled call). The run,
     its validations and the export end within 5% of the budget, and the schedule reaches its end
-    value at the last step."""
+    value at the last step. (With 1 minute, 5% was 3 s, the size of the single hiccups of a shared
+    CPU-B: 58.5-63.6 s over 7 runs.)"""
     run = tmp_path / "run"
     command = [sys.executable, "-c", SLOWED_TRAIN, "--preset", "unet_small", "--data", tiny_data, "--output", str(run),
-               *[a for a in TINY if a != "--no-export"], "--model-arg", "base_filters=16", "--time-budget", "1",
+               *[a for a in TINY if a != "--no-export"], "--model-arg", "base_filters=16", "--time-budget", "2",
                "--schedule", "linear"]
     started = time.time()
     result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
                             timeout=300)
     wall = time.time() - started
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 57 <= wall <= 63, (wall, result.stdout)
+    assert 114 <= wall <= 126, (wall, result.stdout)
     history = read_history(run)
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["resolved"]["total_steps"] == int(history[-1]["step"])

@@ -122,6 +122,42 @@ def test_fcn_loads_local_encoder_weights(tmp_path):
     )
 
 
+@pytest.mark.parametrize("backbone, constructor, tapped", [
+    ("vgg16", "VGG16", ("block3_pool", "block4_pool", "block5_pool")),
+    ("resnet50", "ResNet50", ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out")),
+])
+def test_fcn_encoder_sees_what_imagenet_weights_expect(backbone, constructor, tapped):
+    """Images in [0, 1] RGB into the FCN give the encoder features that keras.applications' own model gives
+    for `preprocess_input(255 * x)` (0-255 BGR minus the ImageNet means), with the same weights."""
+    keras.utils.set_random_seed(0)
+    model = build_fcn(3, (64, 64, 3), backbone=backbone, fc_filters=4, fc_kernel=1)
+    reference = getattr(keras.applications, constructor)(include_top=False, weights=None, input_shape=(64, 64, 3))
+    for layer in reference.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())  # the encoder keeps the layer names
+    module = getattr(keras.applications, constructor.lower() if constructor == "VGG16" else "resnet")
+    x = np.random.default_rng(1).random((2, 64, 64, 3)).astype("float32")
+    ours = keras.Model(model.input, [model.get_layer(name).output for name in tapped])(x)
+    theirs = keras.Model(reference.input, [reference.get_layer(name).output for name in tapped])(
+        module.preprocess_input(255.0 * x))
+    for name, a, b in zip(tapped, ours, theirs):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
+    # and without the conversion (the earlier FCN), the features are far from it
+    raw = keras.Model(reference.input, reference.get_layer(tapped[-1]).output)(x)
+    assert np.abs(np.asarray(raw) - np.asarray(theirs[-1])).max() > 0.1 * np.abs(np.asarray(theirs[-1])).max()
+
+
+def test_recorded_fcn_runs_without_preprocessing_are_rebuilt_as_trained():
+    from keras_seg.models.presets import recorded_model_config
+
+    old = {"architecture": "fcn", "backbone": "vgg16"}
+    assert recorded_model_config(old)["preprocessing"] == "none"
+    assert recorded_model_config({**old, "preprocessing": "caffe"})["preprocessing"] == "caffe"
+    assert "preprocessing" not in recorded_model_config({"architecture": "unet"})
+    assert get_preset("fcn8s")["model"]["preprocessing"] == "caffe"
+
+
 def test_fcn_rejects_bad_arguments(tmp_path):
     missing = str(tmp_path / "missing.h5")
     with pytest.raises(ValueError, match="missing.h5' not found"):

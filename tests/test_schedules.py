@@ -101,12 +101,13 @@ def test_budget_plan_fills_the_time_left_and_follows_a_slowdown():
     budget.record_validation(5.0)
     clock.now = 100.0
     budget.record_steps(10, 10.0)  # 1 s a step
-    # 900 s left - final (5 s validation + 2 saves + export max(3, 6 x 1 s)) - 3 validations x 5 s = 872
-    assert budget.final_seconds(0.0) == pytest.approx(5 + 2 + 6)
-    assert budget.plan(step=10, validations_left=3) == 10 + 872
+    # 900 s left - final (5 s validation + 2 saves + export max(4, 6 x 1 s) + 1.5 s exit) - 3 validations
+    # x 5 s = 870.5: 870 whole steps of 1 s
+    assert budget.final_seconds(0.0) == pytest.approx(5 + 2 + 6 + 1.5)
+    assert budget.plan(step=10, validations_left=3) == 10 + 870
     clock.now = 200.0 + 3 * 45  # long after: the window holds only the recent, slower chunks
     for _ in range(3):
         budget.record_steps(10, 20.0)
     assert budget.seconds_per_step == pytest.approx(2.0)
-    left = 1000.0 - clock.now - 13 - 3 * 5
+    left = 1000.0 - clock.now - 14.5 - 3 * 5
     assert budget.plan(step=40, validations_left=3) == 40 + int(left // 2)

@@ -3,8 +3,11 @@
 Long, Shelhamer and Darrell, "Fully Convolutional Networks for Semantic Segmentation", 2015,
 https://arxiv.org/abs/1411.4038. The encoder is `keras.applications.VGG16` (the paper's) or
 `keras.applications.ResNet50`, built with `weights=None` or a local weights file: nothing is ever
-downloaded. Differences from the paper: `same` padding instead of the 100-pixel input padding and
-crops, and fixed bilinear up-sampling where the paper learns deconvolutions initialised to bilinear.
+downloaded. The model takes images in [0, 1] RGB, like every keras-seg model, and converts them
+inside, before the encoder, to the 0-255 BGR minus ImageNet means that these encoders' ImageNet
+weights expect (`preprocessing="caffe"`). Differences from the paper: `same` padding instead of
+the 100-pixel input padding and crops, and fixed bilinear up-sampling where the paper learns
+deconvolutions initialised to bilinear.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import keras
 from keras import layers
 
+from keras_seg.models.preprocessing import CaffePreprocessing
 from keras_seg.models.unet import check_input_size
 
 # backbone -> (keras.applications constructor name, feature layers at strides 8, 16 and 32)
@@ -22,6 +26,7 @@ ENCODERS = {
     "resnet50": ("ResNet50", ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out")),
 }
 HEADS = ("32s", "16s", "8s")
+PREPROCESSING = ("caffe", "none")
 
 
 def build_fcn(
@@ -33,6 +38,7 @@ def build_fcn(
     fc_kernel: int = 7,
     dropout: float = 0.5,
     weights: str | None = None,
+    preprocessing: str = "caffe",
     name: str | None = None,
 ) -> keras.Model:
     """Build an FCN that maps images [B, H, W, C] to float32 logits [B, H, W, num_classes].
@@ -53,6 +59,10 @@ def build_fcn(
         dropout: float. Dropout after `fc6` and `fc7` (0.5 in the paper); 0 disables it.
         weights: str or None. `None` (random initialisation) or the path of a local weights file
             for the encoder, as `keras.applications` accepts it (an `include_top=False` file).
+        preprocessing: str. `"caffe"`: images in [0, 1] RGB are turned into what the ImageNet
+            weights expect (0-255 BGR minus the ImageNet means) inside the model; `"none"`: the
+            encoder sees the [0, 1] RGB images as they are (FCN runs of keras-seg 0.1's first
+            round, whose recorded configs lack this argument, were trained so).
         name: str. The model's name; defaults to e.g. `fcn8s_vgg16`.
 
     Returns:
@@ -75,14 +85,17 @@ def build_fcn(
         raise ValueError(f"fcn: fc_filters and fc_kernel must be >= 1, got {fc_filters} and {fc_kernel}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"fcn: dropout must be in [0, 1), got {dropout}")
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"fcn: preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
     if weights is not None and not os.path.isfile(weights):
         # keras.applications would download "imagenet"; this project never downloads.
         raise ValueError(f"fcn: encoder weights file {weights!r} not found (give None or a local file path)")
     check_input_size(input_shape, 32, "fcn")
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
+    encoder_input = CaffePreprocessing(name="caffe_preprocessing")(inputs) if preprocessing == "caffe" else inputs
     constructor, feature_names = ENCODERS[backbone]
-    encoder = getattr(keras.applications, constructor)(include_top=False, weights=weights, input_tensor=inputs)
+    encoder = getattr(keras.applications, constructor)(include_top=False, weights=weights, input_tensor=encoder_input)
     stride8, stride16, stride32 = (encoder.get_layer(n).output for n in feature_names)
 
     x = layers.Conv2D(fc_filters, fc_kernel, padding="same", activation="relu", name="fc6")(stride32)

@@ -94,7 +94,8 @@ PRESETS = {
     },
     "fcn8s": {
         "description": "FCN-8s over VGG16 with the paper's 4096-filter fc6 (7x7) and fc7",
-        "model": {"architecture": "fcn", "backbone": "vgg16", "head": "8s", "fc_filters": 4096, "fc_kernel": 7},
+        "model": {"architecture": "fcn", "backbone": "vgg16", "head": "8s", "fc_filters": 4096, "fc_kernel": 7,
+                  "preprocessing": "caffe"},
         "input_size": (256, 512),
         "train": {"epochs": 100, "batch_size": 8, "learning_rate": 1e-4, "loss": "ce"},
         "demo": {"model": {"fc_filters": 256, "fc_kernel": 1}, "image_size": (64, 128),
@@ -102,13 +103,26 @@ PRESETS = {
     },
     "fcn_resnet50": {
         "description": "FCN-8s over ResNet-50 with a 512-filter 3x3 fc6 and 1x1 fc7",
-        "model": {"architecture": "fcn", "backbone": "resnet50", "head": "8s", "fc_filters": 512, "fc_kernel": 3},
+        "model": {"architecture": "fcn", "backbone": "resnet50", "head": "8s", "fc_filters": 512, "fc_kernel": 3,
+                  "preprocessing": "caffe"},
         "input_size": (256, 512),
         "train": {"epochs": 100, "batch_size": 8, "learning_rate": 1e-4, "loss": "ce"},
         "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0,
                  "cache": "memory"},
     },
 }
+
+
+def recorded_model_config(model: dict) -> dict:
+    """A model config as a run recorded it, for rebuilding that run's model.
+
+    FCN runs recorded before the `preprocessing` argument existed fed the encoder [0, 1] RGB
+    images: they are rebuilt so ("none"), not with today's default ("caffe").
+    """
+    model = dict(model)
+    if model.get("architecture") == "fcn":
+        model.setdefault("preprocessing", "none")
+    return model
 
 
 def list_presets() -> list:
