@@ -134,7 +134,7 @@ def evaluate_split(segmenter, data_dir, split=None, flip=False, scales=(1.0,), b
     total = int(info["splits"][split].get("num_examples", 0)) or None
     if limit:
         total = min(total or limit, limit)
-    one_size = len(info["splits"][split].get("image_sizes") or {}) == 1
+    one_size = tfrecord.has_one_image_size(info, split)
     dataset = data.build_dataset(data_dir, split, training=False, batch_size=batch_size if one_size else 1,
                                  image_size=None, prefetch=2)
     num_classes = segmenter.num_classes

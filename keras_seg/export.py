@@ -63,6 +63,7 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
         keras_seg.inference.InferenceError: not a usable run directory.
     """
     from keras_seg import inference
+    from keras_seg.contract import InferenceContract
 
     run_dir = os.fspath(run_dir)
     name = name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
@@ -90,7 +91,7 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
         labels_path = os.path.join(staging, "labels", inference.LABELS_NAME)
         os.makedirs(os.path.dirname(labels_path))
         write_json_atomically(labels_path, info)
-        module = inference.SegmentationModule(model, inference.contracts.InferenceContract.from_dict(info["inference"]),
+        module = inference.SegmentationModule(model, InferenceContract.from_dict(info["inference"]),
                                               info["num_classes"], labels_path)
         saved = os.path.join(staging, "saved_model")
         log(f"exporting {run_dir} ({info.get('preset') or info['architecture']}, {info['num_classes']} classes, "

@@ -163,7 +163,8 @@ class Segmenter:
             (the contract), `input_size` (the model's), `preset`, ...
         source: where it was loaded from.
         kind: "run" or "saved_model".
-        contract_function: uint8 [N, H, W, 3] -> float32 softmax [N, H, W, C], by the contract.
+        contract_function: uint8 [N, H, W, 3] -> float32 softmax [N, H, W, C], by the contract;
+            None: built from `model_function` and the contract in `info`.
         model_function: float32 [n, h, w, 3] in [0, 1] at the input size -> softmax (the bare model).
         owner: the `SegmentationModule` or loaded SavedModel the functions belong to (kept alive).
     """
@@ -171,7 +172,7 @@ class Segmenter:
     info: dict
     source: str
     kind: str
-    contract_function: Callable
+    contract_function: Callable | None
     model_function: Callable
     owner: object = None
     _averaged: dict = field(default_factory=dict, repr=False)
@@ -209,7 +210,7 @@ class Segmenter:
         averaged with the mirror images (`flip`) and over the scale ratios `scales` on request."""
         images = tf.convert_to_tensor(images, tf.uint8)
         scales = tuple(float(s) for s in scales)
-        if not flip and scales == (1.0,):
+        if not flip and scales == (1.0,) and self.contract_function is not None:
             return self.contract_function(images)
         key = (bool(flip), scales)
         if key not in self._averaged:
@@ -400,16 +401,12 @@ def load_segmenter(path, mode=None, tile=None, overlap=None) -> Segmenter:
             raise InferenceError(f"{version_dir}: the exported model takes {recorded.input_size[0]}x"
                                  f"{recorded.input_size[1]} inputs only; use the run directory for other windows")
         bare = loaded.signatures[MODEL_SIGNATURE]
+        contract_function = None  # a changed contract: the Segmenter runs it around the bare model
         if wanted == recorded:
             full = loaded.signatures[PROBABILITIES_SIGNATURE]
             contract_function = lambda images: full(images=images)["probabilities"]  # noqa: E731
         else:
             info = dict(info, inference=wanted.to_dict())
-            num_classes = int(info["num_classes"])
-            contract_function = tf.function(
-                lambda x: contracts.contract_probabilities(x, lambda y: bare(images=y)["probabilities"], wanted,
-                                                           num_classes),
-                input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         return Segmenter(info, version_dir, "saved_model", contract_function,
                          lambda images: bare(images=images)["probabilities"], owner=loaded)
     raise InferenceError(f"{path}: neither a run directory (config.json, best.keras) nor a SavedModel "

@@ -338,6 +338,11 @@ def merged_dataset_info(existing: dict | None, common: dict, splits: dict) -> di
 VALIDATION_SPLITS = ("val", "validation")  # ours, and TensorFlow Datasets' name
 
 
+def has_one_image_size(info: dict, split: str) -> bool:
+    """Whether every image of `split` has the same size (then whole images batch without padding)."""
+    return len(info["splits"][split].get("image_sizes") or {}) == 1
+
+
 def validation_split(info: dict):
     """The name of a directory's validation split: "val", else TFDS' "validation"; None when it has neither."""
     return next((name for name in VALIDATION_SPLITS if name in info["splits"]), None)

@@ -31,7 +31,6 @@ import tensorflow as tf
 
 from keras_seg import augment, data, distribute, losses, metrics, schedules, tfrecord, visualize
 from keras_seg import contract as contracts
-from keras_seg.contract import InferenceContract
 from keras_seg.budget import TimeBudget, process_start_time, window_seconds
 from keras_seg.config import TrainConfig
 from keras_seg.files import write_json_atomically
@@ -188,8 +187,7 @@ class Trainer:
         self.train_data = self.strategy.distribute_datasets_from_function(train_fn)
         # Validation follows the inference contract on whole images at their original size, as
         # evaluate, predict and the export do; images of several sizes go one per replica.
-        sizes = self.info["splits"][self.val_split].get("image_sizes") or {}
-        per_replica = config.val_batch_size if len(sizes) == 1 else 1
+        per_replica = config.val_batch_size if tfrecord.has_one_image_size(self.info, self.val_split) else 1
         self.val_data = data.distribute_dataset(
             self.strategy, config.data, self.val_split, batch_size=per_replica * self.replicas, training=False,
             drop_remainder=False, cache=config.cache, image_size=None)
@@ -236,7 +234,7 @@ class Trainer:
             step.assign_add(1)
             return loss
 
-        contract = InferenceContract.from_dict(config.inference)
+        contract = contracts.InferenceContract.from_dict(config.inference)
         inference_model = self.inference_model
         model_fn = contracts.keras_model_fn(inference_model)
 
