@@ -33,6 +33,10 @@ _EXPORTS = {
     "build_model": "keras_seg.models.presets",
     "build_unet": "keras_seg.models.unet",
     "build_fcn": "keras_seg.models.fcn",
+    "build_encoder_unet": "keras_seg.models.encoder_unet",
+    "build_deeplabv3plus": "keras_seg.models.deeplab",
+    "ENCODERS": "keras_seg.models.encoders",
+    "EncoderWeightsError": "keras_seg.models.encoders",
     # losses and metrics
     "CrossEntropyLoss": "keras_seg.losses",
     "DiceLoss": "keras_seg.losses",

@@ -13,6 +13,9 @@ PRESET_PARAMS = {
     "unet_small": 1_948_195,
     "fcn8s": 134_353_017,
     "fcn_resnet50": 33_327_033,
+    "deeplabv3plus_resnet50": 40_435_539,
+    "unet_resnet50": 32_605_379,
+    "unet_mobilenetv3": 5_346_627,
 }
 
 
@@ -116,7 +119,7 @@ def test_fcn_loads_local_encoder_weights(tmp_path):
     encoder = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     path = str(tmp_path / "vgg16_notop.weights.h5")
     encoder.save_weights(path)
-    model = build_fcn(2, (32, 32, 3), fc_filters=4, fc_kernel=1, weights=path)
+    model = build_fcn(2, (32, 32, 3), fc_filters=4, fc_kernel=1, encoder_weights=path)
     np.testing.assert_array_equal(
         model.get_layer("block5_conv3").get_weights()[0], encoder.get_layer("block5_conv3").get_weights()[0]
     )
@@ -160,10 +163,8 @@ def test_recorded_fcn_runs_without_preprocessing_are_rebuilt_as_trained():
 
 def test_fcn_rejects_bad_arguments(tmp_path):
     missing = str(tmp_path / "missing.h5")
-    with pytest.raises(ValueError, match="missing.h5' not found"):
-        build_fcn(3, (64, 64, 3), weights=missing)
-    with pytest.raises(ValueError, match="not found"):
-        build_fcn(3, (64, 64, 3), weights="imagenet")  # never downloaded
+    with pytest.raises(ValueError, match="missing.h5: no such file"):
+        build_fcn(3, (64, 64, 3), encoder_weights=missing)
     with pytest.raises(ValueError, match="unknown backbone 'resnet18'"):
         build_fcn(3, (64, 64, 3), backbone="resnet18")
     with pytest.raises(ValueError, match="unknown head '4s'"):
@@ -217,7 +218,7 @@ def test_build_model_overrides_and_errors():
     assert tuple(model(np.zeros((1, 64, 32, 3), np.float32)).shape) == (1, 64, 32, 4)
     with pytest.raises(ValueError, match="unknown architecture 'segformer'"):
         build_model({"model": {"architecture": "segformer"}, "input_size": (64, 64)}, num_classes=3)
-    with pytest.raises(ValueError, match="only the fcn architecture"):
-        build_model("unet_small", num_classes=3, weights="x.h5")
+    with pytest.raises(ValueError, match="the unet architecture without an encoder has none to load"):
+        build_model("unet_small", num_classes=3, encoder_weights="x.h5")
     with pytest.raises(ValueError, match="unet: input height 100"):
         build_model("unet_small", num_classes=3, input_size=(100, 256))

@@ -2,28 +2,27 @@
 
 Long, Shelhamer and Darrell, "Fully Convolutional Networks for Semantic Segmentation", 2015,
 https://arxiv.org/abs/1411.4038. The encoder is `keras.applications.VGG16` (the paper's) or
-`keras.applications.ResNet50`, built with `weights=None` or a local weights file: nothing is ever
-downloaded. The model takes images in [0, 1] RGB, like every keras-seg model, and converts them
-inside, before the encoder, to the 0-255 BGR minus ImageNet means that these encoders' ImageNet
-weights expect (`preprocessing="caffe"`). Differences from the paper: `same` padding instead of
+`keras.applications.ResNet50`, with random weights, ImageNet's or a local file's
+(`keras_seg.models.encoders`). The model takes images in [0, 1] RGB, like every keras-seg model,
+and converts them inside, before the encoder, to the 0-255 BGR minus ImageNet means that these
+encoders' ImageNet weights expect (`preprocessing="caffe"`). Differences from the paper: `same` padding instead of
 the 100-pixel input padding and crops, and fixed bilinear up-sampling where the paper learns
 deconvolutions initialised to bilinear.
 """
 
 from __future__ import annotations
 
-import os
-
 import keras
 from keras import layers
 
+from keras_seg.models.encoders import get_encoder, load_encoder_weights, resolve_weights
 from keras_seg.models.preprocessing import CaffePreprocessing
 from keras_seg.models.unet import check_input_size
 
-# backbone -> (keras.applications constructor name, feature layers at strides 8, 16 and 32)
+# backbone -> feature layers at strides 8, 16 and 32 (the paper's pool3 / pool4 / pool5 for VGG16)
 ENCODERS = {
-    "vgg16": ("VGG16", ("block3_pool", "block4_pool", "block5_pool")),
-    "resnet50": ("ResNet50", ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out")),
+    "vgg16": ("block3_pool", "block4_pool", "block5_pool"),
+    "resnet50": ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
 }
 HEADS = ("32s", "16s", "8s")
 PREPROCESSING = ("caffe", "none")
@@ -37,7 +36,7 @@ def build_fcn(
     fc_filters: int = 4096,
     fc_kernel: int = 7,
     dropout: float = 0.5,
-    weights: str | None = None,
+    encoder_weights=None,
     preprocessing: str = "caffe",
     name: str | None = None,
 ) -> keras.Model:
@@ -57,8 +56,8 @@ def build_fcn(
         fc_filters: int. Filters of `fc6` and `fc7` (4096 in the paper).
         fc_kernel: int. Kernel size of `fc6` (7 in the paper, VGG16's first dense layer).
         dropout: float. Dropout after `fc6` and `fc7` (0.5 in the paper); 0 disables it.
-        weights: str or None. `None` (random initialisation) or the path of a local weights file
-            for the encoder, as `keras.applications` accepts it (an `include_top=False` file).
+        encoder_weights: None / "none" (random initialisation), "imagenet", or the path of a
+            local `include_top=False` weights file (`keras_seg.models.encoders`).
         preprocessing: str. `"caffe"`: images in [0, 1] RGB are turned into what the ImageNet
             weights expect (0-255 BGR minus the ImageNet means) inside the model; `"none"`: the
             encoder sees the [0, 1] RGB images as they are (FCN runs of keras-seg 0.1's first
@@ -87,16 +86,16 @@ def build_fcn(
         raise ValueError(f"fcn: dropout must be in [0, 1), got {dropout}")
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"fcn: preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
-    if weights is not None and not os.path.isfile(weights):
-        # keras.applications would download "imagenet"; this project never downloads.
-        raise ValueError(f"fcn: encoder weights file {weights!r} not found (give None or a local file path)")
     check_input_size(input_shape, 32, "fcn")
+    path = resolve_weights(backbone, encoder_weights)
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
     encoder_input = CaffePreprocessing(name="caffe_preprocessing")(inputs) if preprocessing == "caffe" else inputs
-    constructor, feature_names = ENCODERS[backbone]
-    encoder = getattr(keras.applications, constructor)(include_top=False, weights=weights, input_tensor=encoder_input)
-    stride8, stride16, stride32 = (encoder.get_layer(n).output for n in feature_names)
+    encoder = getattr(keras.applications, get_encoder(backbone).application)(
+        include_top=False, weights=None, input_tensor=encoder_input)
+    if path is not None:
+        load_encoder_weights(encoder, path, backbone)
+    stride8, stride16, stride32 = (encoder.get_layer(n).output for n in ENCODERS[backbone])
 
     x = layers.Conv2D(fc_filters, fc_kernel, padding="same", activation="relu", name="fc6")(stride32)
     if dropout:
@@ -118,4 +117,7 @@ def build_fcn(
 
     stride = {"32s": 32, "16s": 16, "8s": 8}[head]
     logits = layers.UpSampling2D(stride, interpolation="bilinear", dtype="float32", name="logits")(score)
-    return keras.Model(inputs, logits, name=name or f"fcn{head}_{backbone}")
+    model = keras.Model(inputs, logits, name=name or f"fcn{head}_{backbone}")
+    model.encoder_layer_names = tuple(layer.name for layer in encoder.layers
+                                      if not isinstance(layer, (keras.layers.InputLayer, CaffePreprocessing)))
+    return model

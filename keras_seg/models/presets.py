@@ -3,7 +3,9 @@
 A preset entry is a dict:
 
     "description": str   what it is, in a line
-    "model": dict        "architecture" ("unet" or "fcn") and that builder's keyword arguments
+    "model": dict        "architecture" ("unet", "fcn" or "deeplabv3plus") and that builder's
+                         keyword arguments; "unet" with an "encoder" is the UNet over an
+                         ImageNet encoder (`build_encoder_unet`)
     "input_size": tuple  (height, width) of the training images
 
     "train": dict        training defaults (`keras_seg.train`): length (epochs, iters or
@@ -13,17 +15,22 @@ A preset entry is a dict:
                          "image_size") when training on the built-in demo dataset (no --data)
 
 `build_model` reads only "model" and "input_size". Parameter counts (19 classes,
-3-channel input) are in the README.
+3-channel input) are in docs/models.md.
 """
 
 from __future__ import annotations
 
 import copy
 
+from keras_seg.recipes import SGD_POLY
+
+from keras_seg.models.deeplab import build_deeplabv3plus
+from keras_seg.models.encoder_unet import build_encoder_unet
 from keras_seg.models.fcn import build_fcn
 from keras_seg.models.unet import build_unet
 
-ARCHITECTURES = {"unet": build_unet, "fcn": build_fcn}
+ARCHITECTURES = {"unet": build_unet, "fcn": build_fcn, "deeplabv3plus": build_deeplabv3plus}
+ENCODER_ARCHITECTURES = ("unet", "fcn", "deeplabv3plus")  # "unet" when it has an "encoder"
 
 # The built-in demo (no --data) must end in minutes on any machine: a 6-minute time budget from
 # process start, demo data writing included (the run sizes itself to the machine, docs/training.md),
@@ -33,6 +40,11 @@ ARCHITECTURES = {"unet": build_unet, "fcn": build_fcn}
 DEMO_BUDGET = 6
 UNET_DEMO = {"model": {"base_filters": 16}, "image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16,
              "learning_rate": 2e-3, "warmup_epochs": 0.5, "patience": 0, "cache": "memory"}
+
+# Over ImageNet encoders: the demo trains from random weights (nothing downloads), with Adam.
+ENCODER_DEMO = {"encoder_weights": None, "image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16,
+                "optimizer": "adamw", "learning_rate": 1e-3, "schedule": "cosine", "warmup_epochs": 0.5,
+                "scale_lr_to_batch": 0, "weight_decay": 1e-4, "clipnorm": 1.0, "patience": 0, "cache": "memory"}
 
 PRESETS = {
     "unet_silu": {
@@ -110,8 +122,35 @@ PRESETS = {
         "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0,
                  "cache": "memory"},
     },
+    # Over ImageNet encoders (keras_seg.models.encoders). They train from "imagenet" weights by
+    # default: downloaded once into $KERAS_HOME/models, or --encoder-weights PATH / none. Their
+    # demo (no --data) starts from random weights: nothing downloads for it.
+    "deeplabv3plus_resnet50": {
+        "description": "DeepLabV3+ over ResNet-50 at output stride 16 (dilated conv5), ASPP 6/12/18, auxiliary FCN "
+                       "head (loss weight 0.4); MMSegmentation's Cityscapes schedule (--recipe cityscapes_fullres)",
+        "model": {"architecture": "deeplabv3plus", "encoder": "resnet50", "output_stride": 16, "aux_weight": 0.4},
+        "input_size": (512, 1024),
+        "train": {**SGD_POLY, "encoder_weights": "imagenet", "iters": 80000, "val_every": 8000, "batch_size": 2,
+                  "val_batch_size": 1},
+        "demo": ENCODER_DEMO,
+    },
+    "unet_resnet50": {
+        "description": "UNet over ResNet-50: segmentation_models' decoder (256, 128, 64, 32, 16 filters)",
+        "model": {"architecture": "unet", "encoder": "resnet50", "decoder_filters": (256, 128, 64, 32, 16)},
+        "input_size": (256, 512),
+        "train": {"encoder_weights": "imagenet", "epochs": 100, "batch_size": 8, "learning_rate": 1e-4,
+                  "loss": "ce"},
+        "demo": ENCODER_DEMO,
+    },
+    "unet_mobilenetv3": {
+        "description": "UNet over MobileNetV3-Large for CPUs and edge devices: decoder 128, 64, 32, 16, 16 filters",
+        "model": {"architecture": "unet", "encoder": "mobilenetv3large", "decoder_filters": (128, 64, 32, 16, 16)},
+        "input_size": (256, 512),
+        "train": {"encoder_weights": "imagenet", "epochs": 100, "batch_size": 8, "learning_rate": 1e-3,
+                  "loss": "ce"},
+        "demo": ENCODER_DEMO,
+    },
 }
-
 
 def recorded_model_config(model: dict) -> dict:
     """A model config as a run recorded it, for rebuilding that run's model.
@@ -137,7 +176,8 @@ def get_preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
-def build_model(preset, num_classes: int, input_size=None, channels: int = 3, weights: str | None = None):
+def build_model(preset, num_classes: int, input_size=None, channels: int = 3, encoder_weights=None,
+                with_aux: bool = False):
     """Build the model of a preset.
 
     Args:
@@ -146,11 +186,23 @@ def build_model(preset, num_classes: int, input_size=None, channels: int = 3, we
         num_classes: int. Number of output classes (the dataset's `num_classes`).
         input_size: `(height, width)` or None. Overrides the preset's input size; `(None, None)`
             builds a model that accepts any size its architecture allows.
-        channels: int. Input channels.
-        weights: str or None. Local encoder weights file, for FCN presets only.
+        channels: int. Input channels (3 for the ImageNet encoders).
+        encoder_weights: None / "none" (random), "imagenet" (downloaded once into
+            `$KERAS_HOME/models`), or a local `.weights.h5` / legacy `.h5` file of the preset's
+            encoder; for the architectures with an ImageNet encoder.
+        with_aux: bool. The training model: for a preset with an auxiliary head
+            (`aux_weight` > 0), outputs `[logits, aux_logits]`.
 
     Returns:
-        A `keras.Model` mapping images [B, H, W, channels] to float32 logits [B, H, W, num_classes].
+        A `keras.Model` mapping images [B, H, W, channels] in [0, 1] to float32 logits
+        [B, H, W, num_classes]. Models with an encoder list its layers in `encoder_layer_names`.
+
+    Example:
+
+    ```python
+    model = build_model("deeplabv3plus_resnet50", num_classes=19, input_size=(512, 1024),
+                        encoder_weights="imagenet")  # or a local file: "resnet50_..._notop.h5"
+    ```
     """
     entry = get_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
     if "model" not in entry:
@@ -160,10 +212,30 @@ def build_model(preset, num_classes: int, input_size=None, channels: int = 3, we
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     height, width = input_size if input_size is not None else entry.get("input_size", (None, None))
-    if weights is not None:
-        if architecture != "fcn":
-            raise ValueError(f"weights={weights!r}: only the fcn architecture loads encoder weights")
-        model_args["weights"] = weights
+    builder = ARCHITECTURES[architecture]
+    if architecture == "unet" and "encoder" in model_args:
+        builder = build_encoder_unet
+    has_encoder = builder is not build_unet
+    if encoder_weights not in (None, "none"):
+        if not has_encoder:
+            raise ValueError(f"encoder weights {encoder_weights!r}: the {architecture} architecture without an "
+                             "encoder has none to load (use a preset with an ImageNet encoder)")
+    if has_encoder:
+        model_args["encoder_weights"] = encoder_weights
+    if architecture == "deeplabv3plus":
+        model_args["with_aux"] = with_aux
     if isinstance(preset, str):
         model_args.setdefault("name", preset)
-    return ARCHITECTURES[architecture](num_classes=num_classes, input_shape=(height, width, channels), **model_args)
+    return builder(num_classes=num_classes, input_shape=(height, width, channels), **model_args)
+
+
+def encoder_of(model_config: dict):
+    """The encoder a model config builds on (a key of `encoders.ENCODERS`), or None."""
+    if model_config.get("architecture") == "fcn":
+        return model_config.get("backbone", "vgg16")
+    return model_config.get("encoder")
+
+
+def aux_weight_of(model_config: dict) -> float:
+    """The auxiliary head's loss weight (0: none)."""
+    return float(model_config.get("aux_weight", 0.0)) if model_config.get("architecture") == "deeplabv3plus" else 0.0
