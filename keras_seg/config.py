@@ -48,7 +48,11 @@ class TrainConfig:
     inference_overlap: float = 1 / 3
     inference: dict = dataclasses.field(default_factory=dict)  # the contract, derived (keras_seg.contract)
     cache: Optional[str] = None
-    encoder_weights: Optional[str] = None
+    encoder_weights: Optional[str] = None  # None / "none", "imagenet", or a local .weights.h5 / legacy .h5 file
+    # --- fine-tuning an ImageNet encoder (keras_seg.models.encoders)
+    freeze_encoder: object = 0  # 0: off; N: the encoder's weights stay as loaded for the first N steps; "all": the run
+    encoder_lr_mult: float = 1.0  # the encoder's updates scaled by this (its learning rate, in effect)
+    freeze_encoder_bn: bool = False  # the encoder's batch norms in inference mode, their parameters fixed
     # --- length: exactly one of iters, epochs, time_budget is non-zero
     iters: int = 0
     epochs: int = 100
@@ -159,6 +163,22 @@ def _check_number(config, name, low, *, above=False, kind=float):
     setattr(config, name, kind(value))
 
 
+def _check_encoder_controls(config):
+    from keras_seg.models.presets import encoder_of
+
+    freeze = config.freeze_encoder
+    if freeze != "all" and not (isinstance(freeze, int) and not isinstance(freeze, bool) and freeze >= 0):
+        raise ConfigError(f"--freeze-encoder: expected a step count >= 0 or nothing (the whole run), got {freeze!r}")
+    _check_number(config, "encoder_lr_mult", 0)
+    asked = [flag for flag, on in (("--freeze-encoder", freeze != 0), ("--encoder-lr-mult", config.encoder_lr_mult != 1),
+                                   ("--freeze-encoder-bn", config.freeze_encoder_bn),
+                                   ("--encoder-weights", config.encoder_weights not in (None, "none")))
+             if on]
+    if asked and encoder_of(config.model) is None:
+        raise ConfigError(f"{asked[0]}: preset {config.preset}'s model has no ImageNet encoder (presets with one: "
+                          "fcn8s, fcn_resnet50, deeplabv3plus_resnet50, unet_resnet50, unet_mobilenetv3)")
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     """Check every value; raise `ConfigError` with one line naming the option. Returns `config`."""
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
@@ -182,6 +202,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--plateau-factor must be < 1 (it cuts the learning rate), got {config.plateau_factor}")
     if config.final_lr_ratio is not None:
         _check_number(config, "final_lr_ratio", 0)
+    _check_encoder_controls(config)
     if sum(bool(v) for v in (config.iters, config.epochs, config.time_budget)) != 1:
         raise ConfigError("a run needs exactly one of --iters N, --epochs N, --time-budget MINUTES")
     if config.strategy == "tpu":
@@ -262,12 +283,12 @@ def _check_sizing(config: TrainConfig, stride: int):
 
 def _check_model_args(model: dict):
     """Every --model-arg names an argument of the architecture's builder."""
-    from keras_seg.models.presets import ARCHITECTURES
+    from keras_seg.models.presets import ARCHITECTURES, BUILD_ARGUMENTS, builder_for
 
     architecture = model.get("architecture")
     if architecture not in ARCHITECTURES:
         raise ConfigError(f"model architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
-    accepted = set(inspect.signature(ARCHITECTURES[architecture]).parameters) - {"num_classes", "input_shape"}
+    accepted = set(inspect.signature(builder_for(model)).parameters) - set(BUILD_ARGUMENTS)
     unknown = sorted(set(model) - accepted - {"architecture"})
     if unknown:
         raise ConfigError(f"--model-arg {unknown[0]}: not an argument of the {architecture} builder "

@@ -49,7 +49,7 @@ def global_batch_loss(loss, y_true, y_pred):
     return loss.from_statistics(stats)
 
 
-def apply_global_gradients(optimizer, grads, variables, clipnorm=None):
+def apply_global_gradients(optimizer, grads, variables, clipnorm=None, update_scales=None):
     """Sum `grads` over the replicas, clip by their global norm, and apply them once.
 
     Args:
@@ -58,7 +58,15 @@ def apply_global_gradients(optimizer, grads, variables, clipnorm=None):
             a `LossScaleOptimizer`).
         variables: the variables to update.
         clipnorm: float or None: clip the global gradient's norm to this (unscaled).
+        update_scales: None, or per variable None or a scalar tensor: that variable's update, as
+            the optimizer makes it (momentum, Adam's moments, decoupled weight decay included), is
+            multiplied by it; 0 keeps the variable bit for bit. Keras 3 has no per-variable
+            learning rate, and Adam's updates do not scale with the gradient: this is a learning
+            rate multiplier (an encoder's), on the clipped global gradient.
     """
+    scaled = []
+    if update_scales is not None:
+        scaled = [(v, tf.identity(v.value), s) for v, s in zip(variables, update_scales) if s is not None]
     replicas = _replicas()
     grads = sum_over_replicas(list(grads))
     if clipnorm:
@@ -69,3 +77,23 @@ def apply_global_gradients(optimizer, grads, variables, clipnorm=None):
     if replicas > 1:
         grads = [g / replicas for g in grads]  # the optimizer's own all-reduce sums them back
     optimizer.apply(grads, variables)
+    if scaled:
+        scale_updates(scaled)
+
+
+def scale_updates(updates):
+    """`variable = before + scale * (variable - before)` for each `(variable, before, scale)`.
+
+    In a replica context: `before` and `scale` are this replica's (the same on every replica);
+    each mirrored variable is written once per device, as the optimizer writes it. A scale of 1
+    leaves the variable as it is and 0 restores `before`, both exactly.
+    """
+    def rescale(variable, before, scale):
+        moved = before + tf.cast(scale, variable.dtype) * (variable - before)
+        return variable.assign(tf.where(scale == 1.0, variable, tf.where(scale == 0.0, before, moved)))
+
+    def merge(strategy, updates):
+        for variable, before, scale in updates:
+            strategy.extended.update(variable.value, rescale, args=(before, scale), group=False)
+
+    tf.distribute.get_replica_context().merge_call(merge, args=(updates,))

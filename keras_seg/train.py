@@ -146,8 +146,28 @@ def build_parser():
     o.add_argument("--seed", type=int)
     o.add_argument("--patience", type=int, help="early stopping: validations without val mIoU improvement (0: off)")
     o.add_argument("--cache", help="'memory' or a file prefix: cache decoded examples")
-    o.add_argument("--encoder-weights", help="local weights file for the FCN encoders (nothing is downloaded)")
+    o.add_argument("--encoder-weights", metavar="imagenet|none|PATH",
+                   help="the ImageNet encoder's initial weights: imagenet (downloaded once into $KERAS_HOME/models), "
+                        "none (random), or a local .weights.h5 / legacy *_notop.h5 file (default: the preset's)")
+    o.add_argument("--freeze-encoder", nargs="?", const="all", type=_freeze_steps, metavar="STEPS",
+                   help="keep the encoder's weights as loaded: for the first STEPS steps, or the whole run")
+    o.add_argument("--encoder-lr-mult", type=float, metavar="X",
+                   help="scale the encoder's updates by X (its learning rate relative to the decoder's; default 1)")
+    o.add_argument("--freeze-encoder-bn", action="store_true", default=None,
+                   help="run the encoder's batch norms in inference mode with fixed parameters (small batches)")
     return parser
+
+
+def _freeze_steps(text):
+    if text == "all":
+        return "all"
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or nothing, got {text!r}") from None
+    if steps < 0:
+        raise argparse.ArgumentTypeError(f"expected a step count >= 0, got {steps}")
+    return steps
 
 
 # Flags that are not TrainConfig fields of the same name.
@@ -269,6 +289,23 @@ def check_data(config):
         raise ConfigError(f"--class-weights: {len(config.class_weights)} weights for {info['num_classes']} classes")
 
 
+def check_encoder_weights(config):
+    """Encoder weights that cannot be had or do not fit: a one-line error before anything heavy.
+
+    "imagenet" is downloaded here (once; then cached). With --init-from the run's weights replace them.
+    """
+    from keras_seg.models import encoders
+    from keras_seg.models.presets import encoder_of
+
+    encoder = encoder_of(config.model)
+    if encoder is None or config.init_from:
+        return
+    try:
+        encoders.check_encoder_weights(encoder, config.encoder_weights)
+    except encoders.EncoderWeightsError as err:
+        raise ConfigError(str(err)) from None
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -287,6 +324,7 @@ def main(argv=None) -> int:
             config = resumed_config(output, args, argv)
         else:
             config = resolve_config(args)
+            check_encoder_weights(config)
             if chief and os.path.isdir(output) and os.listdir(output):
                 if not args.overwrite:
                     raise ConfigError(f"--output {output} exists and is not empty: --resume to continue it, "

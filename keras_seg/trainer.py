@@ -34,7 +34,7 @@ from keras_seg import contract as contracts
 from keras_seg.budget import TimeBudget, process_start_time, window_seconds
 from keras_seg.config import TrainConfig
 from keras_seg.files import write_json_atomically
-from keras_seg.replicas import apply_global_gradients, global_batch_loss
+from keras_seg.replicas import apply_global_gradients, global_batch_loss, scale_updates
 from keras_seg.models import presets
 from keras_seg.run_dir import History, RunDir, save_model_atomically, weights_fingerprint, write_best
 
@@ -112,12 +112,24 @@ class Trainer:
             warmup = self.total_steps // 2
         with self.strategy.scope():
             entry = {"model": config.model, "input_size": tuple(config.image_size)}
-            self.model = presets.build_model(entry, self.num_classes, weights=config.encoder_weights)
+            # A resumed or --init-from run replaces the encoder's initial weights: none are loaded.
+            weights = None if config.resume or config.init_from else config.encoder_weights
+            # The training model; with an auxiliary head it also outputs the head's logits, and
+            # `self.model` (saved, validated, exported) is the same graph without it.
+            self.train_model = presets.build_model(entry, self.num_classes, encoder_weights=weights, with_aux=True)
+            self.model = self.train_model
+            if len(self.train_model.outputs) > 1:
+                self.model = keras.Model(self.train_model.input, self.train_model.outputs[0],
+                                         name=self.train_model.name)
+            self.aux_weight = presets.aux_weight_of(config.model)
+            self.encoder_layers = [self.train_model.get_layer(name)
+                                   for name in getattr(self.train_model, "encoder_layer_names", ())]
+            self._freeze_encoder_layers()
             if self.replicas > 1:
                 # Batch statistics over the global batch (SyncBN). Keras' BatchNormalization
                 # otherwise updates its moving statistics from each replica's own batch, and the
                 # workers of a multi-worker run end with different statistics.
-                for layer in self.model._flatten_layers(include_self=False, recursive=True):
+                for layer in self.train_model._flatten_layers(include_self=False, recursive=True):
                     if isinstance(layer, keras.layers.BatchNormalization):
                         layer.synchronized = True
             self.inference_model = self.model
@@ -136,12 +148,12 @@ class Trainer:
             # gradients (the optimizer's own counter does not).
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            optimizer = build_optimizer(config, lambda: self.schedule(self.step), self.model.trainable_variables,
+            optimizer = build_optimizer(config, lambda: self.schedule(self.step), self.train_model.trainable_variables,
                                         clip=False)
             if self.precision == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             self.optimizer = optimizer
-            self.optimizer.build(self.model.trainable_variables)
+            self.optimizer.build(self.train_model.trainable_variables)
             self.train_iou = metrics.MeanIoU(self.num_classes, name="train_miou")
             self.val_iou = metrics.MeanIoU(self.num_classes, name="val_miou")
         self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_miou")
@@ -151,11 +163,43 @@ class Trainer:
         self.loss_fn = losses.build_loss(config.loss, num_classes=self.num_classes,
                                          class_weights=config.class_weights, class_pixel_counts=counts)
         self.augment_config = augment.AugmentConfig.from_dict(config.augment)
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step,
+        self.checkpoint = tf.train.Checkpoint(model=self.train_model, optimizer=self.optimizer, step=self.step,
                                               schedule=self.schedule, best=self.best, wait=self.wait,
                                               elapsed=self.elapsed)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir.checkpoints, max_to_keep=2,
                                                   step_counter=self.step)
+
+    def _freeze_encoder_layers(self):
+        """--freeze-encoder (the whole run) and --freeze-encoder-bn: Keras' `trainable = False`
+        (a frozen batch norm also runs in inference mode). --freeze-encoder N acts in the step."""
+        config = self.config
+        for layer in self.encoder_layers:
+            if config.freeze_encoder == "all" or (config.freeze_encoder_bn and
+                                                  isinstance(layer, keras.layers.BatchNormalization)):
+                layer.trainable = False
+        if config.freeze_encoder == "all":
+            self.log(f"encoder frozen: {len(self.encoder_layers)} layers keep their weights for the whole run")
+
+    def _encoder_update_scales(self, step):
+        """Per trainable variable: the factor its update is scaled by this step (None: as computed).
+
+        The encoder's trainable variables get --encoder-lr-mult, and 0 while --freeze-encoder N
+        holds; its batch-norm statistics (not the optimizer's) are also kept during the freeze.
+        """
+        config = self.config
+        freeze_steps = config.freeze_encoder if isinstance(config.freeze_encoder, int) else 0
+        if not self.encoder_layers or config.freeze_encoder == "all" or (
+                not freeze_steps and config.encoder_lr_mult == 1):
+            return None, []
+        scale = tf.constant(config.encoder_lr_mult, tf.float32)
+        kept = []
+        if freeze_steps:
+            frozen = step < freeze_steps
+            scale = tf.where(frozen, 0.0, scale)
+            statistics_scale = tf.where(frozen, 0.0, 1.0)
+            kept = [(v, statistics_scale) for layer in self.encoder_layers for v in layer.non_trainable_variables]
+        encoder = {id(v) for layer in self.encoder_layers for v in layer.trainable_variables}
+        return [scale if id(v) in encoder else None for v in self.train_model.trainable_variables], kept
 
     def _fixed_total(self):
         config = self.config
@@ -196,14 +240,18 @@ class Trainer:
 
     def _make_steps(self):
         config, strategy = self.config, self.strategy
-        model, optimizer, loss_fn, step = self.model, self.optimizer, self.loss_fn, self.step
+        model, optimizer, loss_fn, step = self.train_model, self.optimizer, self.loss_fn, self.step
         augment_config, seed, accumulate = self.augment_config, config.seed, config.accumulate
         scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        aux_weight = self.aux_weight if len(model.outputs) > 1 else 0.0
 
         def gradients(images, masks):
             with tf.GradientTape() as tape:
-                logits = model(images, training=True)
+                outputs = model(images, training=True)
+                logits = outputs[0] if aux_weight else outputs
                 loss = global_batch_loss(loss_fn, masks, logits)
+                if aux_weight:  # the auxiliary head's loss, weighted, on the same masks
+                    loss += aux_weight * global_batch_loss(loss_fn, masks, outputs[1])
                 objective = optimizer.scale_loss(loss) if scale_loss else loss
             return loss, logits, tape.gradient(objective, model.trainable_variables)
 
@@ -215,6 +263,8 @@ class Trainer:
                 step_seed = tf.random.experimental.stateless_fold_in(
                     step_seed, tf.cast(replica.replica_id_in_sync_group, tf.int64), alg="philox")
             images, masks = augment.augment_segmentation(images, masks, step_seed, augment_config)
+            update_scales, kept = self._encoder_update_scales(step)
+            kept = [(variable, tf.identity(variable.value), scale) for variable, scale in kept]  # before the forward pass
             if accumulate == 1:
                 loss, logits, grads = gradients(images, masks)
                 self.train_iou.update_state(masks, logits)
@@ -230,7 +280,14 @@ class Trainer:
                     loss += part_loss / accumulate
                     grads = part_grads if grads is None else [a + b for a, b in zip(grads, part_grads)]
                 grads = [g / accumulate for g in grads]
-            apply_global_gradients(optimizer, grads, model.trainable_variables, config.clipnorm)
+            if update_scales is not None:
+                # A frozen variable gets no gradient: its optimizer state (momentum, moments) stays put.
+                grads = [g if s is None else tf.where(s == 0.0, tf.zeros_like(g), g)
+                         for g, s in zip(grads, update_scales)]
+            apply_global_gradients(optimizer, grads, model.trainable_variables, config.clipnorm,
+                                   update_scales=update_scales)
+            if kept:
+                scale_updates(kept)  # the frozen encoder's batch-norm statistics, as they were
             step.assign_add(1)
             return loss
 

@@ -14,17 +14,17 @@ MODEL = {"architecture": "unet", "depth": 3, "base_filters": 8, "activation": "s
          "upsampling": "transpose"}
 
 
-def write_run(directory, precision="float32", seed=3):
+def write_run(directory, precision="float32", seed=3, model=MODEL, preset="unet_small"):
     """Writes the run (its model built under the dtype policy `precision`); returns its path."""
     os.makedirs(directory, exist_ok=True)
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(precision)
     try:
         keras.utils.set_random_seed(seed)
-        build_model({"model": MODEL, "input_size": INPUT_SIZE}, 19).save(os.path.join(directory, "best.keras"))
+        build_model({"model": model, "input_size": INPUT_SIZE}, 19).save(os.path.join(directory, "best.keras"))
     finally:
         keras.mixed_precision.set_dtype_policy(previous)
-    config = {"preset": "unet_small", "model": MODEL, "image_size": list(INPUT_SIZE),
+    config = {"preset": preset, "model": model, "image_size": list(INPUT_SIZE),
               "resolved": {"precision": precision}}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)

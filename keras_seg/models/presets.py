@@ -212,9 +212,7 @@ def build_model(preset, num_classes: int, input_size=None, channels: int = 3, en
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     height, width = input_size if input_size is not None else entry.get("input_size", (None, None))
-    builder = ARCHITECTURES[architecture]
-    if architecture == "unet" and "encoder" in model_args:
-        builder = build_encoder_unet
+    builder = builder_for({"architecture": architecture, **model_args})
     has_encoder = builder is not build_unet
     if encoder_weights not in (None, "none"):
         if not has_encoder:
@@ -227,6 +225,18 @@ def build_model(preset, num_classes: int, input_size=None, channels: int = 3, en
     if isinstance(preset, str):
         model_args.setdefault("name", preset)
     return builder(num_classes=num_classes, input_shape=(height, width, channels), **model_args)
+
+
+def builder_for(model_config: dict):
+    """The builder function of a model config: "unet" with an "encoder" is `build_encoder_unet`."""
+    architecture = model_config.get("architecture")
+    if architecture == "unet" and "encoder" in model_config:
+        return build_encoder_unet
+    return ARCHITECTURES[architecture]
+
+
+# Arguments `build_model` passes itself: not part of a model config.
+BUILD_ARGUMENTS = ("num_classes", "input_shape", "encoder_weights", "with_aux")
 
 
 def encoder_of(model_config: dict):
