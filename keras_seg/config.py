@@ -164,19 +164,20 @@ def _check_number(config, name, low, *, above=False, kind=float):
 
 
 def _check_encoder_controls(config):
-    from keras_seg.models.presets import encoder_of
+    from keras_seg.models.presets import PRESETS, encoder_of
 
     freeze = config.freeze_encoder
     if freeze != "all" and not (isinstance(freeze, int) and not isinstance(freeze, bool) and freeze >= 0):
         raise ConfigError(f"--freeze-encoder: expected a step count >= 0 or nothing (the whole run), got {freeze!r}")
     _check_number(config, "encoder_lr_mult", 0)
-    asked = [flag for flag, on in (("--freeze-encoder", freeze != 0), ("--encoder-lr-mult", config.encoder_lr_mult != 1),
+    asked = [flag for flag, on in (("--freeze-encoder", freeze != 0),
+                                   ("--encoder-lr-mult", config.encoder_lr_mult != 1),
                                    ("--freeze-encoder-bn", config.freeze_encoder_bn),
-                                   ("--encoder-weights", config.encoder_weights not in (None, "none")))
-             if on]
+                                   ("--encoder-weights", config.encoder_weights not in (None, "none"))) if on]
     if asked and encoder_of(config.model) is None:
+        with_encoder = [name for name, entry in PRESETS.items() if encoder_of(entry["model"])]
         raise ConfigError(f"{asked[0]}: preset {config.preset}'s model has no ImageNet encoder (presets with one: "
-                          "fcn8s, fcn_resnet50, deeplabv3plus_resnet50, unet_resnet50, unet_mobilenetv3)")
+                          f"{', '.join(with_encoder)})")
 
 
 def validate(config: TrainConfig) -> TrainConfig:

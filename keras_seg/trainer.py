@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_seg import augment, data, distribute, losses, metrics, schedules, tfrecord, visualize
+from keras_seg import augment, data, distribute, finetune, losses, metrics, schedules, tfrecord, visualize
 from keras_seg import contract as contracts
 from keras_seg.budget import TimeBudget, process_start_time, window_seconds
 from keras_seg.config import TrainConfig
@@ -122,9 +122,10 @@ class Trainer:
                 self.model = keras.Model(self.train_model.input, self.train_model.outputs[0],
                                          name=self.train_model.name)
             self.aux_weight = presets.aux_weight_of(config.model)
-            self.encoder_layers = [self.train_model.get_layer(name)
-                                   for name in getattr(self.train_model, "encoder_layer_names", ())]
-            self._freeze_encoder_layers()
+            self.encoder_layers = finetune.encoder_layers(self.train_model)
+            if weights not in (None, "none"):
+                self.log(f"encoder weights: {weights}")
+            finetune.freeze_encoder_layers(self.encoder_layers, config, self.log)
             if self.replicas > 1:
                 # Batch statistics over the global batch (SyncBN). Keras' BatchNormalization
                 # otherwise updates its moving statistics from each replica's own batch, and the
@@ -168,38 +169,6 @@ class Trainer:
                                               elapsed=self.elapsed)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir.checkpoints, max_to_keep=2,
                                                   step_counter=self.step)
-
-    def _freeze_encoder_layers(self):
-        """--freeze-encoder (the whole run) and --freeze-encoder-bn: Keras' `trainable = False`
-        (a frozen batch norm also runs in inference mode). --freeze-encoder N acts in the step."""
-        config = self.config
-        for layer in self.encoder_layers:
-            if config.freeze_encoder == "all" or (config.freeze_encoder_bn and
-                                                  isinstance(layer, keras.layers.BatchNormalization)):
-                layer.trainable = False
-        if config.freeze_encoder == "all":
-            self.log(f"encoder frozen: {len(self.encoder_layers)} layers keep their weights for the whole run")
-
-    def _encoder_update_scales(self, step):
-        """Per trainable variable: the factor its update is scaled by this step (None: as computed).
-
-        The encoder's trainable variables get --encoder-lr-mult, and 0 while --freeze-encoder N
-        holds; its batch-norm statistics (not the optimizer's) are also kept during the freeze.
-        """
-        config = self.config
-        freeze_steps = config.freeze_encoder if isinstance(config.freeze_encoder, int) else 0
-        if not self.encoder_layers or config.freeze_encoder == "all" or (
-                not freeze_steps and config.encoder_lr_mult == 1):
-            return None, []
-        scale = tf.constant(config.encoder_lr_mult, tf.float32)
-        kept = []
-        if freeze_steps:
-            frozen = step < freeze_steps
-            scale = tf.where(frozen, 0.0, scale)
-            statistics_scale = tf.where(frozen, 0.0, 1.0)
-            kept = [(v, statistics_scale) for layer in self.encoder_layers for v in layer.non_trainable_variables]
-        encoder = {id(v) for layer in self.encoder_layers for v in layer.trainable_variables}
-        return [scale if id(v) in encoder else None for v in self.train_model.trainable_variables], kept
 
     def _fixed_total(self):
         config = self.config
@@ -263,8 +232,10 @@ class Trainer:
                 step_seed = tf.random.experimental.stateless_fold_in(
                     step_seed, tf.cast(replica.replica_id_in_sync_group, tf.int64), alg="philox")
             images, masks = augment.augment_segmentation(images, masks, step_seed, augment_config)
-            update_scales, kept = self._encoder_update_scales(step)
-            kept = [(variable, tf.identity(variable.value), scale) for variable, scale in kept]  # before the forward pass
+            update_scales, kept = finetune.encoder_update_scales(self.encoder_layers, model.trainable_variables,
+                                                                 config, step)
+            # The statistics to keep, as they are before the forward pass updates them.
+            kept = [(variable, tf.identity(variable.value), scale) for variable, scale in kept]
             if accumulate == 1:
                 loss, logits, grads = gradients(images, masks)
                 self.train_iou.update_state(masks, logits)

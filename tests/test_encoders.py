@@ -179,7 +179,7 @@ def test_segmentation_model_keeps_keras_applications_names():
     model = build_model("unet_resnet50", 3, input_size=(64, 64))
     layer = model.get_layer("conv4_block6_out")
     assert layer in model.layers  # in the model's own graph, not a nested sub-model
-    assert not any(isinstance(l, keras.Model) for l in model.layers)
+    assert not any(isinstance(other, keras.Model) for other in model.layers)
     assert "conv4_block6_out" in model.encoder_layer_names and "logits" not in model.encoder_layer_names
 
 
@@ -238,5 +238,24 @@ def test_imagenet_offline_says_which_file_to_fetch_and_where(encoder, file, tmp_
         encoders.resolve_weights(encoder, "imagenet")
     message = str(err.value)
     assert "\n" not in message
-    assert f"fetch https://storage.googleapis.com/tensorflow/keras-applications/" in message and file in message
+    assert "fetch https://storage.googleapis.com/tensorflow/keras-applications/" in message and file in message
     assert f"put it in {tmp_path / 'keras_home' / 'models'}/" in message
+
+
+def test_encoder_bn_momentum_sets_the_moving_statistics_update():
+    """MobileNetV3's batch norms keep 0.999 of their statistics; at 0.99 one training step on a
+    batch moves the moving mean 1% of the way to the batch mean (from 0), and the saved config keeps it."""
+    model = build_encoder_unet(3, (32, 32, 3), encoder="mobilenetv3large", encoder_bn_momentum=0.99,
+                               decoder_filters=(8, 8, 8, 8, 8))
+    default = build_encoder_unet(3, (32, 32, 3), encoder="mobilenetv3large", decoder_filters=(8, 8, 8, 8, 8))
+    assert {layer.momentum for layer in default.layers if layer.name in default.encoder_layer_names
+            and isinstance(layer, keras.layers.BatchNormalization)} == {0.999}
+    first_bn = model.get_layer("conv_bn")
+    assert first_bn.momentum == 0.99
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    conv_out = keras.Model(model.input, model.get_layer("conv").output)(x).numpy()
+    model(x, training=True)
+    np.testing.assert_allclose(first_bn.moving_mean.numpy(), 0.01 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-7)
+    restored = keras.Model.from_config(model.get_config())
+    assert restored.get_layer("conv_bn").momentum == 0.99

@@ -10,7 +10,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_seg import train as train_cli
 from keras_seg.models.presets import build_model
@@ -151,9 +150,9 @@ def test_freeze_encoder_bn_and_whole_run_freeze(tiny_data, tmp_path):  # noqa: F
 @pytest.mark.slow
 def test_auxiliary_head_trains_and_stays_out_of_the_saved_model(tiny_data, tmp_path):  # noqa: F811
     config = make_config(tiny_data, tmp_path / "dl", "--preset", "deeplabv3plus_resnet50", "--encoder-weights",
-                         "none", "--model-arg", "encoder=mobilenetv3large", "--model-arg", "output_stride=32", "--iters", "1",
-                         "--no-export",
-                         "--no-augment", "--optimizer", "sgd", "--learning-rate", "0.05", "--warmup-iters", "0")
+                         "none", "--model-arg", "encoder=mobilenetv3large", "--model-arg", "output_stride=32",
+                         "--iters", "1", "--no-export", "--no-augment", "--optimizer", "sgd", "--learning-rate", "0.05",
+                         "--warmup-iters", "0")
     start = initial_model(config)
     assert len(start.outputs) == 2
     trainer = run(config)
@@ -163,6 +162,15 @@ def test_auxiliary_head_trains_and_stays_out_of_the_saved_model(tiny_data, tmp_p
     assert np.abs(after - before).max() > 1e-5  # the auxiliary loss reaches its head
     saved = keras.saving.load_model(tmp_path / "dl" / "best.keras", compile=False)
     assert len(saved.outputs) == 1 and not any(layer.name.startswith("aux_") for layer in saved.layers)
+    # --init-from that run: the model takes its weights; the new auxiliary head starts afresh
+    config = make_config(tiny_data, tmp_path / "next", "--preset", "deeplabv3plus_resnet50", "--model-arg",
+                         "encoder=mobilenetv3large", "--model-arg", "output_stride=32", "--iters", "1",
+                         "--init-from", str(tmp_path / "dl"))
+    follower = Trainer(config, log=quiet)
+    follower._build()
+    follower._init_from(config.init_from)
+    for a, b in zip(follower.model.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -123,3 +123,29 @@ def test_dice_of_two_one_class_images_is_taken_over_the_global_batch(strategy):
     values = [float(v) for v in strategy.experimental_local_results(on_replicas())]
     # class c: intersection 0.9 * 16, cardinality (0.9 * 16 + 0.1 * 16) + 16 = 32 -> dice 0.9
     assert values == pytest.approx([0.1, 0.1], abs=1e-5)
+
+
+def test_update_scales_multiply_the_adamw_update_on_every_replica(strategy):
+    """AdamW (lr 0.1, weight decay 0.5) from weights 1 with the replicas' gradients summing to [1, 2]:
+    decay 1 -> 0.95, then Adam's first step moves each weight by lr * g / |g| = 0.1: 0.85. Scaled by
+    0.1 the update is -0.015 (0.985); scaled by 0 the weights stay exactly 1; None: as computed."""
+    with strategy.scope():
+        variables = [keras.Variable([1.0, 1.0]) for _ in range(3)]
+        optimizer = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5, epsilon=1e-12)
+        optimizer.build(variables)
+
+    @tf.function
+    def step():
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            grad = tf.where(tf.equal(replica, 0), tf.constant([1.0, 0.0]), tf.constant([0.0, 2.0]))
+            apply_global_gradients(optimizer, [grad] * 3, variables,
+                                   update_scales=[None, tf.constant(0.1), tf.constant(0.0)])
+        strategy.run(replica_fn)
+
+    step()
+    for expected, variable in zip(([0.85, 0.85], [0.985, 0.985], [1.0, 1.0]), variables):
+        for values in per_replica_values(strategy, variable):
+            np.testing.assert_allclose(values, expected, rtol=1e-6)
+    for values in per_replica_values(strategy, variables[2]):
+        np.testing.assert_array_equal(values, [1.0, 1.0])

@@ -210,7 +210,7 @@ def test_crop_trained_run_validates_as_evaluate_and_an_independent_computation(t
                                               "input_size": [512, 512], "overlap": 1 / 3}),
 ])
 def test_full_resolution_recipes_resolve_over_any_preset(tiny_data, recipe, crop, base_scale, inference):
-    for preset in ("unet_silu", "unet_small"):
+    for preset in ("unet_silu", "unet_small", "deeplabv3plus_resnet50", "unet_mobilenetv3"):
         args = train_cli.build_parser().parse_args(["--preset", preset, "--recipe", recipe, "--data", tiny_data,
                                                     "--iters", "100"])
         config = train_cli.resolve_config(args)
@@ -218,7 +218,7 @@ def test_full_resolution_recipes_resolve_over_any_preset(tiny_data, recipe, crop
         assert (config.optimizer, config.learning_rate, config.schedule) == ("sgd", 0.01, "poly")
         assert config.scale_lr_to_batch == 8 and config.augment["scale_prob"] == 0.0 and config.recipe == recipe
         assert config.iters == 100  # the command line still has the last word
-        assert config.model["base_filters"] == get_preset(preset)["model"]["base_filters"]  # the preset's model
+        assert config.model == get_preset(preset)["model"]  # the preset's model
 
 
 def _free_port():

@@ -55,6 +55,7 @@ def build_deeplabv3plus(
     decoder_filters: int = 256,
     dropout: float = 0.1,
     aux_weight: float = 0.0,
+    encoder_bn_momentum=None,
     with_aux: bool = False,
     name: str | None = None,
 ) -> keras.Model:
@@ -73,6 +74,7 @@ def build_deeplabv3plus(
         dropout: float. Dropout after the ASPP projection and before the class scores.
         aux_weight: float. The auxiliary head's loss weight (0: no auxiliary head); recorded
             here so that the trainer reads it from the model config.
+        encoder_bn_momentum: None (the application's) or the encoder's batch-norm momentum.
         with_aux: bool. Return the training model, whose outputs are `[logits, aux_logits]`
             (only when `aux_weight > 0`); the default model has the logits only.
         name: str. The model's name; defaults to `deeplabv3plus_{encoder}`.
@@ -93,7 +95,8 @@ def build_deeplabv3plus(
     check_input_size(input_shape, 32, "deeplabv3plus")
 
     images = keras.Input(shape=tuple(input_shape), name="images")
-    features, encoder_layers = build_encoder(encoder, images, weights=encoder_weights, output_stride=output_stride)
+    features, encoder_layers = build_encoder(encoder, images, weights=encoder_weights, output_stride=output_stride,
+                                             bn_momentum=encoder_bn_momentum)
     deepest = features[32]
 
     branches = [_conv_bn_relu(deepest, aspp_filters, 1, "aspp_1x1")]

@@ -24,6 +24,7 @@ def build_encoder_unet(
     encoder: str = "resnet50",
     encoder_weights=None,
     decoder_filters=DECODER_FILTERS,
+    encoder_bn_momentum=None,
     name: str | None = None,
 ) -> keras.Model:
     """Build a UNet with an ImageNet encoder: images [B, H, W, 3] in [0, 1] RGB -> float32 logits.
@@ -34,6 +35,7 @@ def build_encoder_unet(
         encoder: str. A key of `keras_seg.models.encoders.ENCODERS`.
         encoder_weights: None / "none", "imagenet", or a local weights file.
         decoder_filters: five ints, the decoder blocks' filters from stride 16 to stride 1.
+        encoder_bn_momentum: None (the application's) or the encoder's batch-norm momentum.
         name: str. The model's name; defaults to `unet_{encoder}`.
 
     Returns:
@@ -53,7 +55,8 @@ def build_encoder_unet(
     check_input_size(input_shape, 32, "unet")
 
     images = keras.Input(shape=tuple(input_shape), name="images")
-    features, encoder_layers = build_encoder(encoder, images, weights=encoder_weights)
+    features, encoder_layers = build_encoder(encoder, images, weights=encoder_weights,
+                                             bn_momentum=encoder_bn_momentum)
     x = features[32]
     for index, (stride, filters) in enumerate(zip((16, 8, 4, 2, 1), decoder_filters), start=1):
         block = f"decoder_block{index}"

@@ -180,7 +180,7 @@ def _tapped(application, tap):
     return application.get_layer(tap).output
 
 
-def build_encoder(encoder: str, images, weights=None, output_stride: int = 32):
+def build_encoder(encoder: str, images, weights=None, output_stride: int = 32, bn_momentum=None):
     """The encoder's features at strides 2-32 in the caller's graph, from images in [0, 1] RGB.
 
     Args:
@@ -189,6 +189,10 @@ def build_encoder(encoder: str, images, weights=None, output_stride: int = 32):
         weights: None / "none", "imagenet", or a local weights file (see the module docstring).
         output_stride: 32, or 16 for a dilatable encoder (ResNet): its last stage is rebuilt with
             stride 1 and dilation 2, under the same names and with the same weights.
+        bn_momentum: None (as `keras.applications` builds the encoder) or the momentum of its
+            batch norms' moving statistics. MobileNetV3's 0.999 keeps them near their initial
+            values for the first thousands of steps: a short run from random weights then
+            validates with statistics that fit nothing (0.99 is Keras' default).
 
     Returns:
         `(features, layer_names)`: a dict stride -> tensor (None where the encoder has no such
@@ -209,6 +213,10 @@ def build_encoder(encoder: str, images, weights=None, output_stride: int = 32):
                                                                  input_tensor=preprocessed)
     if path is not None:
         load_encoder_weights(application, path, encoder)
+    if bn_momentum is not None:
+        for layer in application.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = float(bn_momentum)
     features = {stride: _tapped(application, spec.features[stride]) for stride in STRIDES}
     if output_stride == 16:
         features[32] = _dilated_last_stage(application, spec.features[16])
