@@ -233,7 +233,7 @@ class Trainer:
                     step_seed, tf.cast(replica.replica_id_in_sync_group, tf.int64), alg="philox")
             images, masks = augment.augment_segmentation(images, masks, step_seed, augment_config)
             update_scales, kept = finetune.encoder_update_scales(self.encoder_layers, model.trainable_variables,
-                                                                 config, step)
+                                                                 config, step, optimizer)
             # The statistics to keep, as they are before the forward pass updates them.
             kept = [(variable, tf.identity(variable.value), scale) for variable, scale in kept]
             if accumulate == 1:

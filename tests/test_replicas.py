@@ -149,3 +149,31 @@ def test_update_scales_multiply_the_adamw_update_on_every_replica(strategy):
             np.testing.assert_allclose(values, expected, rtol=1e-6)
     for values in per_replica_values(strategy, variables[2]):
         np.testing.assert_array_equal(values, [1.0, 1.0])
+
+
+def test_adam_after_a_freeze_moves_the_encoder_as_a_fresh_adam_would():
+    """Adam (lr 0.1), gradient [1, -2] every step. A variable frozen for 3 steps (zero gradient,
+    update scaled by 0) then takes, on its first unfrozen step, a fresh Adam's first step: each
+    weight moves by lr * g / |g| = 0.1. Without the correction, Keras' step count (4) gives
+    lr * sqrt(1 - 0.999^4) / (1 - 0.9^4) * (0.1 g) / sqrt(0.001 g^2) = 0.058 (and after long
+    freezes more than 0.1: up to 6.5x)."""
+    from keras_seg.finetune import adam_restart_correction
+
+    variable = keras.Variable([0.0, 0.0])
+    optimizer = keras.optimizers.Adam(learning_rate=0.1, epsilon=1e-12)
+    optimizer.build([variable])
+    grad = tf.constant([1.0, -2.0])
+    for _ in range(3):  # frozen
+        apply_global_gradients(optimizer, [tf.zeros_like(grad)], [variable], update_scales=[tf.constant(0.0)])
+    np.testing.assert_array_equal(variable.numpy(), [0.0, 0.0])
+    uncorrected = keras.Variable([0.0, 0.0])
+    shadow = keras.optimizers.Adam(learning_rate=0.1, epsilon=1e-12)
+    shadow.build([uncorrected])
+    shadow.iterations.assign(3)
+    shadow.apply([grad], [uncorrected])
+    correction = adam_restart_correction(optimizer, 1)
+    apply_global_gradients(optimizer, [grad], [variable], update_scales=[correction])
+    np.testing.assert_allclose(variable.numpy(), [-0.1, 0.1], rtol=1e-5)
+    expected_uncorrected = 0.1 * np.sqrt(1 - 0.999 ** 4) / (1 - 0.9 ** 4) * 0.1 / np.sqrt(0.001 * 1.0)
+    np.testing.assert_allclose(-uncorrected.numpy()[0], expected_uncorrected, rtol=1e-4)
+    assert abs(expected_uncorrected - 0.1) > 0.04
