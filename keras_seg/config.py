@@ -174,6 +174,9 @@ def _check_encoder_controls(config):
                                    ("--encoder-lr-mult", config.encoder_lr_mult != 1),
                                    ("--freeze-encoder-bn", config.freeze_encoder_bn),
                                    ("--encoder-weights", config.encoder_weights not in (None, "none"))) if on]
+    if freeze == "all" and (config.encoder_lr_mult != 1 or config.freeze_encoder_bn):
+        raise ConfigError("--freeze-encoder for the whole run leaves nothing for --encoder-lr-mult or "
+                          "--freeze-encoder-bn to act on (give --freeze-encoder STEPS to train it later)")
     if asked and encoder_of(config.model) is None:
         with_encoder = [name for name, entry in PRESETS.items() if encoder_of(entry["model"])]
         raise ConfigError(f"{asked[0]}: preset {config.preset}'s model has no ImageNet encoder (presets with one: "

@@ -59,8 +59,8 @@ def encoder_update_scales(layers, variables, config, step, optimizer=None):
 
     Called inside the traced step: `step` is the step counter, and the factors are tensors. With
     Adam / AdamW after a freeze of N steps, the encoder's updates are also corrected as if its
-    moments were a fresh optimizer's (`adam_restart_correction`), as PyTorch's per-parameter
-    Adam state would be.
+    moments were a fresh optimizer's (`adam_restart_correction`; with AdamW the factor scales
+    the encoder's decoupled weight decay too).
     """
     steps = freeze_steps(config)
     if not layers or config.freeze_encoder == "all" or (not steps and config.encoder_lr_mult == 1):
@@ -73,6 +73,8 @@ def encoder_update_scales(layers, variables, config, step, optimizer=None):
             scale = scale * adam_restart_correction(optimizer, step - steps + 1)
         scale = tf.where(frozen, 0.0, scale)
         statistics_scale = tf.where(frozen, 0.0, 1.0)
-        kept = [(v, statistics_scale) for layer in layers for v in layer.non_trainable_variables]
+        # The batch norms' moving statistics only (non_trainable_variables also holds dropout seeds).
+        kept = [(v, statistics_scale) for layer in layers if isinstance(layer, keras.layers.BatchNormalization)
+                for v in (layer.moving_mean, layer.moving_variance)]
     encoder = {id(v) for layer in layers for v in layer.trainable_variables}
     return [scale if id(v) in encoder else None for v in variables], kept

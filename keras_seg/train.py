@@ -324,14 +324,9 @@ def main(argv=None) -> int:
             config = resumed_config(output, args, argv)
         else:
             config = resolve_config(args)
-            check_encoder_weights(config)
-            if chief and os.path.isdir(output) and os.listdir(output):
-                if not args.overwrite:
-                    raise ConfigError(f"--output {output} exists and is not empty: --resume to continue it, "
-                                      "--overwrite to start afresh, or choose another")
-                import shutil
-
-                shutil.rmtree(output)
+            if chief and os.path.isdir(output) and os.listdir(output) and not args.overwrite:
+                raise ConfigError(f"--output {output} exists and is not empty: --resume to continue it, "
+                                  "--overwrite to start afresh, or choose another")
             config.output = output
             config.provenance = provenance(argv)
         if config.data is None:
@@ -339,6 +334,12 @@ def main(argv=None) -> int:
 
             config.data = write_demo_dataset(default_cache_dir(), progress=config.progress)
         check_data(config)
+        if not args.resume:
+            check_encoder_weights(config)  # may download: after the cheap checks, before the run directory
+            if chief and args.overwrite and os.path.isdir(output) and os.listdir(output):
+                import shutil
+
+                shutil.rmtree(output)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
 
@@ -383,6 +384,8 @@ def resumed_config(output, args, argv) -> TrainConfig:
                           f"{output}")
     config = TrainConfig.from_dict(recorded, source=path)
     # The same command again with --resume is fine: a flag is refused only if it changes a setting.
+    if "--preset" not in argv and config.preset in list_presets():
+        args.preset = config.preset  # compare against the run's preset, not the parser's default
     asked = resolve_config(args)
     compared = [k for k in given_settings(args) if k not in RESUMABLE]
     if args.no_augment:

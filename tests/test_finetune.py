@@ -86,6 +86,7 @@ def test_freeze_encoder_for_n_steps_and_resume_across_n(tiny_data, tmp_path):  #
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
     enc, dec, stats = split(interrupted)
+    assert len(enc + stats) == len(start_enc + start_stats) > 0
     for a, b in zip(enc + stats, start_enc + start_stats):
         np.testing.assert_array_equal(a, b)  # bit-identical through step 2, batch-norm statistics too
     assert max(np.abs(a - b).max() for a, b in zip(dec, start_dec)) > 1e-4  # the decoder trained
@@ -99,6 +100,7 @@ def test_freeze_encoder_for_n_steps_and_resume_across_n(tiny_data, tmp_path):  #
                                                 "--no-progress"])
     resumed = run(train_cli.resumed_config(str(tmp_path / "interrupted"), args, []))
     assert int(resumed.step.numpy()) == 4
+    assert len(resumed.train_model.get_weights()) == len(whole.train_model.get_weights())
     for a, b in zip(resumed.train_model.get_weights(), whole.train_model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -114,6 +116,7 @@ def test_encoder_lr_mult_scales_the_encoders_adamw_update(tiny_data, tmp_path): 
     start_enc = weights_of(start, names)
     full = split(run(light_config(tiny_data, tmp_path / "one", *common)))
     tenth = split(run(light_config(tiny_data, tmp_path / "tenth", *common, "--encoder-lr-mult", "0.1")))
+    assert len(full[0]) == len(tenth[0]) == len(start_enc) and len(full[1]) == len(tenth[1])
     full_delta = [a - b for a, b in zip(full[0], start_enc)]
     tenth_delta = [a - b for a, b in zip(tenth[0], start_enc)]
     scale = max(np.abs(d).max() for d in full_delta)
@@ -134,6 +137,7 @@ def test_freeze_encoder_bn_and_whole_run_freeze(tiny_data, tmp_path):  # noqa: F
     decoder = [i for i, layer in enumerate(start.layers) if layer.name not in names and layer.weights]
 
     def moved(model, indices):
+        assert all(len(model.layers[i].get_weights()) == len(start.layers[i].get_weights()) for i in indices)
         return max(np.abs(a - b).max() for i in indices
                    for a, b in zip(model.layers[i].get_weights(), start.layers[i].get_weights()))
 
@@ -169,6 +173,7 @@ def test_auxiliary_head_trains_and_stays_out_of_the_saved_model(tiny_data, tmp_p
     follower = Trainer(config, log=quiet)
     follower._build()
     follower._init_from(config.init_from)
+    assert len(follower.model.get_weights()) == len(saved.get_weights())
     for a, b in zip(follower.model.get_weights(), saved.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -181,6 +186,8 @@ def test_auxiliary_head_trains_and_stays_out_of_the_saved_model(tiny_data, tmp_p
      "encoder weights missing_notop.h5: no such file (expected ResNet50 include_top=False weights"),
     (["--preset", "unet_resnet50", "--freeze-encoder", "-3"], "expected a step count >= 0, got -3"),
     (["--preset", "unet_resnet50", "--encoder-lr-mult", "-1"], "--encoder-lr-mult"),
+    (["--preset", "unet_resnet50", "--freeze-encoder", "--encoder-lr-mult", "0.1"],
+     "--freeze-encoder for the whole run leaves nothing for --encoder-lr-mult"),
 ])
 def test_encoder_flags_give_one_line_errors(argv, message, tiny_data, tmp_path, capsys):  # noqa: F811
     with pytest.raises(SystemExit) as exit_info:

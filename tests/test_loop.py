@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from keras_seg import data, demo, distribute
 from keras_seg import train as train_cli
-from keras_seg.models.presets import build_model
+from keras_seg.models.presets import build_model, get_preset
 from keras_seg.trainer import Trainer
 
 from test_train import REPO, make_config, read_history, tiny_data  # noqa: F401 (fixture)
@@ -358,3 +358,15 @@ def test_the_default_command_ends_within_its_budget_with_fresh_demo_data(tmp_pat
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["demo"] is True and recorded["preset"] == "unet_silu"
     assert 0.0 < json.loads((tmp_path / "run" / "best_metrics.json").read_text())["miou"] <= 1.0
+
+
+def test_resume_compares_encoder_flags_against_the_runs_own_preset(tmp_path, capsys):
+    """Without --preset, a resumed run's flags resolve against its recorded preset (here one with an
+    encoder), not the parser's default: --freeze-encoder is refused as a change, not as unknown."""
+    recorded = {"preset": "unet_mobilenetv3", "model": get_preset("unet_mobilenetv3")["model"],
+                "encoder_weights": "none", "resolved": {"total_steps": 10}}
+    _fake_run(tmp_path / "run", json.loads(json.dumps(recorded)))
+    with pytest.raises(SystemExit):
+        train_cli.main(["--output", str(tmp_path / "run"), "--resume", "--freeze-encoder", "100"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --resume continues {tmp_path / 'run'} as recorded: --freeze-encoder cannot change")

@@ -176,4 +176,49 @@ def test_adam_after_a_freeze_moves_the_encoder_as_a_fresh_adam_would():
     np.testing.assert_allclose(variable.numpy(), [-0.1, 0.1], rtol=1e-5)
     expected_uncorrected = 0.1 * np.sqrt(1 - 0.999 ** 4) / (1 - 0.9 ** 4) * 0.1 / np.sqrt(0.001 * 1.0)
     np.testing.assert_allclose(-uncorrected.numpy()[0], expected_uncorrected, rtol=1e-4)
-    assert abs(expected_uncorrected - 0.1) > 0.04
+
+
+def test_freeze_then_adamw_through_the_trainers_update_scales():
+    """finetune.encoder_update_scales as the trainer calls it, AdamW (lr 0.1, weight decay 0.5),
+    --freeze-encoder 2, gradient [1, -2] on the "encoder" (a Dense kernel) and the "decoder" (a
+    variable) from weights 1. Steps 0 and 1: the encoder stays exactly 1 (decay would move it).
+    Step 2, its first: decay then a fresh Adam step, scaled by c = s(1) / s(3) with
+    s(n) = sqrt(1 - 0.999^n) / (1 - 0.9^n): 1 - c * 0.1 * 0.5 * 1 - 0.1 * sign(g). The decoder
+    meanwhile follows plain AdamW."""
+    from types import SimpleNamespace
+
+    from keras_seg.finetune import encoder_update_scales
+
+    encoder = keras.layers.Dense(2, use_bias=False, kernel_initializer="ones")
+    encoder.build((None, 1))
+    decoder = keras.Variable([1.0, 1.0])
+    variables = [encoder.kernel, decoder]
+    optimizer = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5, epsilon=1e-12)
+    optimizer.build(variables)
+    config = SimpleNamespace(freeze_encoder=2, encoder_lr_mult=1.0, optimizer="adamw")
+    step = tf.Variable(0, dtype=tf.int64)
+    grad = tf.constant([1.0, -2.0])
+
+    @tf.function
+    def train_step():
+        scales, kept = encoder_update_scales([encoder], variables, config, step, optimizer)
+        grads = [tf.reshape(grad, (1, 2)), grad]
+        grads = [g if s is None else tf.where(s == 0.0, tf.zeros_like(g), g) for g, s in zip(grads, scales)]
+        apply_global_gradients(optimizer, grads, variables, update_scales=scales)
+        step.assign_add(1)
+
+    reference = keras.Variable([1.0, 1.0])
+    plain = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5, epsilon=1e-12)
+    plain.build([reference])
+    for _ in range(2):
+        train_step()
+        plain.apply([grad], [reference])
+        np.testing.assert_array_equal(encoder.kernel.numpy(), [[1.0, 1.0]])
+    np.testing.assert_allclose(decoder.numpy(), reference.numpy(), rtol=1e-6)
+    train_step()
+
+    def s(n):
+        return np.sqrt(1 - 0.999 ** n) / (1 - 0.9 ** n)
+
+    c = s(1) / s(3)
+    np.testing.assert_allclose(encoder.kernel.numpy()[0], [1 - c * 0.05 - 0.1, 1 - c * 0.05 + 0.1], rtol=1e-5)
