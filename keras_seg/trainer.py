@@ -376,6 +376,12 @@ class Trainer:
         while self.total_steps is None or step < self.total_steps:
             # The first call compiles: a short one, so that a budget run measures its step soon.
             limit = step + (config.steps_per_call if measured_compile else min(2, config.steps_per_call))
+            if budget is not None and measured_compile:
+                # A budget run re-plans between calls only: a call must not commit to more time than
+                # the planner's window (its first measured one, to more than two steps) whatever the
+                # step costs (10 steps of 13 s ran 2 minutes past a budget's plan).
+                fit = int(budget.window // budget.seconds_per_step) if budget.measured else 2
+                limit = min(limit, step + max(1, fit))
             if self.total_steps is not None:
                 limit = min(limit, self.total_steps, self._next_validation(step), self._next_checkpoint(step))
             n = max(1, limit - step)
