@@ -21,6 +21,7 @@ A preset entry is a dict:
 from __future__ import annotations
 
 import copy
+import inspect
 
 from keras_seg.recipes import SGD_POLY
 
@@ -216,7 +217,7 @@ def build_model(preset, num_classes: int, input_size=None, channels: int = 3, en
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     height, width = input_size if input_size is not None else entry.get("input_size", (None, None))
     builder = builder_for({"architecture": architecture, **model_args})
-    has_encoder = builder is not build_unet
+    has_encoder = encoder_of({"architecture": architecture, **model_args}) is not None
     if encoder_weights not in (None, "none"):
         if not has_encoder:
             raise ValueError(f"encoder weights {encoder_weights!r}: the {architecture} architecture without an "
@@ -243,10 +244,14 @@ BUILD_ARGUMENTS = ("num_classes", "input_shape", "encoder_weights", "with_aux")
 
 
 def encoder_of(model_config: dict):
-    """The encoder a model config builds on (a key of `encoders.ENCODERS`), or None."""
-    if model_config.get("architecture") == "fcn":
-        return model_config.get("backbone", "vgg16")
-    return model_config.get("encoder")
+    """The encoder a model config builds on (a key of `encoders.ENCODERS`), or None: its builder's
+    `encoder` (`backbone` for FCN) argument, as given or by the builder's default."""
+    if model_config.get("architecture") not in ARCHITECTURES:
+        return None
+    builder = builder_for(model_config)
+    argument = "backbone" if builder is build_fcn else "encoder"
+    parameter = inspect.signature(builder).parameters.get(argument)
+    return None if parameter is None else model_config.get(argument, parameter.default)
 
 
 def aux_weight_of(model_config: dict) -> float:
