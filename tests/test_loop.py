@@ -7,6 +7,8 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import keras
@@ -24,6 +26,48 @@ from test_train import REPO, make_config, read_history, tiny_data  # noqa: F401 
 TINY = ["--image-size", "64x128", "--model-arg", "depth=3", "--model-arg", "base_filters=8", "--batch-size", "4",
         "--val-batch-size", "4", "--precision", "float32", "--strategy", "one", "--seed", "1", "--no-progress",
         "--no-export"]
+
+
+def _cpu_steal_seconds():
+    """CPU time the hypervisor gave to others (summed over cores), from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class TimedRun:
+    """A command run to its end, each line of its output stamped with the seconds since its start, so
+    that a run that ends late shows where the time went (the machine's steal time and load beside)."""
+
+    def __init__(self, command, env, timeout, cwd=None):
+        steal = _cpu_steal_seconds()
+        started = time.time()
+        lines = []
+        with tempfile.TemporaryFile("w+") as errors:
+            # Unbuffered, so that each line arrives when it is printed.
+            env = dict(env or os.environ, PYTHONUNBUFFERED="1")
+            process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=errors, text=True)
+            reader = threading.Thread(target=lambda: lines.extend((time.time() - started, line.rstrip("\n"))
+                                                                  for line in process.stdout))
+            reader.start()
+            try:
+                self.returncode = process.wait(timeout=timeout)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                reader.join()
+            self.wall = time.time() - started
+            errors.seek(0)
+            self.stderr = errors.read()
+        self.stdout = "".join(line + "\n" for _, line in lines)
+        stolen = None if steal is None else round(_cpu_steal_seconds() - steal, 1)
+        self.report = (f"exit code {self.returncode} after {self.wall:.1f} s, CPU steal {stolen} s, load average "
+                       f"{os.getloadavg()[0]:.2f}; the run printed (seconds since its start):\n"
+                       + "\n".join(f"{at:7.2f}  {line}" for at, line in lines)
+                       + ("" if self.returncode == 0 else "\nstderr:\n" + self.stderr[-3000:]))
 
 
 @pytest.fixture(autouse=True)
@@ -193,12 +237,9 @@ def test_time_budget_ends_on_time_through_a_slowdown(tiny_data, tmp_path):  # no
     command = [sys.executable, "-c", SLOWED_TRAIN, "--preset", "unet_small", "--data", tiny_data, "--output", str(run),
                *[a for a in TINY if a != "--no-export"], "--model-arg", "base_filters=16", "--time-budget", "2",
                "--schedule", "linear"]
-    started = time.time()
-    result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
-                            timeout=300)
-    wall = time.time() - started
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 114 <= wall <= 126, f"{wall:.1f} s; the run printed:\n{result.stdout}"
+    result = TimedRun(command, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert result.returncode == 0, result.report
+    assert 114 <= result.wall <= 126, result.report
     history = read_history(run)
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["resolved"]["total_steps"] == int(history[-1]["step"])
@@ -349,11 +390,9 @@ def test_the_default_command_ends_within_its_budget_with_fresh_demo_data(tmp_pat
     env = dict(os.environ, PYTHONPATH=REPO, KERAS_SEG_CACHE=str(tmp_path / "cache"))
     command = [sys.executable, "-m", "keras_seg.train", "--output", str(tmp_path / "run"), "--time-budget", "1.5",
                "--no-progress"]
-    started = time.time()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=str(tmp_path))
-    wall = time.time() - started
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert wall <= 1.05 * 90, f"{wall:.1f} s; the run printed:\n{result.stdout[-3000:]}"
+    result = TimedRun(command, env=env, timeout=400, cwd=str(tmp_path))
+    assert result.returncode == 0, result.report
+    assert result.wall <= 1.05 * 90, result.report
     assert "writing the demo dataset" in result.stdout
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["demo"] is True and recorded["preset"] == "unet_silu"
