@@ -1,5 +1,5 @@
 """Fine-tuning an ImageNet encoder: --freeze-encoder [N] (and a resume across N), --encoder-lr-mult with
-AdamW, --freeze-encoder-bn, the auxiliary head, --encoder-weights on the command line, and every
+AdamW, --freeze-encoder-bn, the auxiliary head (and its loss weight), --encoder-weights on the command line, and every
 architecture's best.keras and export in fresh processes."""
 
 import json
@@ -10,6 +10,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_seg import train as train_cli
 from keras_seg.models.presets import build_model
@@ -176,6 +177,43 @@ def test_auxiliary_head_trains_and_stays_out_of_the_saved_model(tiny_data, tmp_p
     assert len(follower.model.get_weights()) == len(saved.get_weights())
     for a, b in zip(follower.model.get_weights(), saved.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_auxiliary_loss_enters_the_step_at_its_weight(tiny_data, tmp_path):  # noqa: F811
+    """One step of plain SGD (its first: no momentum yet; no weight decay, no clipping, no dropout) on
+    a known batch. The loss the step returns is main + 0.4 x auxiliary, the two computed apart on the
+    starting weights; the auxiliary classifier, which only the auxiliary loss reaches, moves by
+    -lr x 0.4 x that loss's own gradient."""
+    config = make_config(tiny_data, tmp_path / "dl", "--preset", "deeplabv3plus_resnet50", "--encoder-weights",
+                         "none", "--model-arg", "encoder=mobilenetv3large", "--model-arg", "output_stride=32",
+                         "--model-arg", "dropout=0", "--iters", "1", "--no-export", "--no-augment", "--optimizer",
+                         "sgd", "--learning-rate", "0.05", "--schedule", "constant", "--warmup-iters", "0",
+                         "--weight-decay", "0", "--clipnorm", "0")
+    trainer = Trainer(config, log=quiet)
+    trainer._build()
+    trainer._datasets(0)
+    train_steps, _ = trainer._make_steps()
+    model = trainer.train_model
+    images, masks = next(iter(trainer.train_data))
+    start = model.get_weights()
+    classifier = model.get_layer("aux_scores").kernel
+    with tf.GradientTape(persistent=True) as tape:
+        logits, aux_logits = model(images, training=True)
+        main, aux = trainer.loss_fn(masks, logits), trainer.loss_fn(masks, aux_logits)
+    aux_gradient = tape.gradient(aux, classifier).numpy()
+    assert tape.gradient(main, classifier) is None  # the main loss does not reach it
+    before = classifier.numpy()
+    model.set_weights(start)  # the forward pass above moved the batch-norm statistics
+
+    loss = float(train_steps(iter(tf.data.Dataset.from_tensors((images, masks)).repeat()), tf.constant(1)))
+    assert trainer.aux_weight == 0.4
+    assert loss == pytest.approx(float(main) + 0.4 * float(aux), rel=1e-5)
+    # The preset's SGD recipe scales the rate to the batch: 0.05 x 4 / 8.
+    assert trainer.learning_rate == pytest.approx(0.025)
+    expected = -0.025 * 0.4 * aux_gradient
+    assert np.abs(expected).max() > 1e-6
+    np.testing.assert_allclose(classifier.numpy() - before, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("argv, message", [
