@@ -228,6 +228,11 @@ def resolve_config(args, demo_dir=None) -> TrainConfig:
     config.data = args.data or demo_dir
     config.demo = args.data is None
     config.resume, config.init_from = args.resume, args.init_from
+    if args.init_from:
+        # The model takes the run's weights: the config records that no encoder weights were loaded.
+        if "encoder_weights" in given:
+            raise ConfigError("--init-from gives the whole model its weights: leave out --encoder-weights")
+        config.encoder_weights = None
     config.progress, config.export = not args.no_progress, not args.no_export
     return validate(config)
 

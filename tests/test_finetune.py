@@ -226,6 +226,8 @@ def test_auxiliary_loss_enters_the_step_at_its_weight(tiny_data, tmp_path):  # n
     (["--preset", "unet_resnet50", "--encoder-lr-mult", "-1"], "--encoder-lr-mult"),
     (["--preset", "unet_resnet50", "--freeze-encoder", "--encoder-lr-mult", "0.1"],
      "--freeze-encoder for the whole run leaves nothing for --encoder-lr-mult"),
+    (["--preset", "unet_resnet50", "--init-from", "runs/earlier", "--encoder-weights", "none"],
+     "--init-from gives the whole model its weights: leave out --encoder-weights"),
 ])
 def test_encoder_flags_give_one_line_errors(argv, message, tiny_data, tmp_path, capsys):  # noqa: F811
     with pytest.raises(SystemExit) as exit_info:
@@ -234,6 +236,13 @@ def test_encoder_flags_give_one_line_errors(argv, message, tiny_data, tmp_path, 
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in error, error
     assert not (tmp_path / "run").exists()
+
+
+def test_init_from_records_that_no_encoder_weights_were_loaded(tiny_data, tmp_path):  # noqa: F811
+    # The preset's default is ImageNet weights; the run starts from another run's weights instead.
+    assert make_config(tiny_data, tmp_path / "a", "--preset", "unet_resnet50").encoder_weights == "imagenet"
+    config = make_config(tiny_data, tmp_path / "b", "--preset", "unet_resnet50", "--init-from", str(tmp_path / "run"))
+    assert config.encoder_weights is None and config.to_dict()["encoder_weights"] is None
 
 
 def test_a_wrong_weights_file_is_refused_before_the_run_starts(tiny_data, tmp_path, capsys):  # noqa: F811
