@@ -422,5 +422,17 @@ def resumed_config(output, args, argv) -> TrainConfig:
     return validate(config)
 
 
+def command(argv=None):
+    """`python -m keras_seg.train` and `keras-seg-train`: `main`, then the process ends at once.
+
+    Its output flushed and every file closed, the process exits without deleting the training
+    iterator (`trainer.keep_until_exit`: that can wait for up to a minute) or tearing TensorFlow down.
+    """
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

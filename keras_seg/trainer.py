@@ -44,6 +44,23 @@ DEFAULT_VALIDATIONS = 10
 UNPLANNED = 2**40
 
 
+# The training iterator of the latest run in this process (`keep_until_exit`).
+_KEPT_ITERATORS = []
+
+
+def keep_until_exit(iterator):
+    """Keep the training stream's iterator alive past the end of its run.
+
+    Deleting a tf.distribute iterator waits for tf.data's autotuning threads, which sleep between
+    optimisations for up to a minute and are not woken by the deletion: at the end of 3- to
+    10-minute runs on CPU-C, half the runs sat idle for 50-113 s between their last step and their
+    final phase (gdb: `RootDataset::Iterator::~Iterator` waiting for `Model::OptimizeLoop`), past
+    their time budgets. The command line ends its process without deleting it (`train.command`);
+    in a Python session it goes when the next run keeps its own.
+    """
+    _KEPT_ITERATORS[:] = [iterator]
+
+
 def build_optimizer(config: TrainConfig, learning_rate, variables, clip=True):
     """SGD (momentum, Nesterov), Adam or AdamW, with global-norm clipping unless `clip=False` (the
     trainer clips the gradients summed over replicas itself, `keras_seg.replicas`). Weight decay
@@ -341,8 +358,10 @@ class Trainer:
         if config.scale_lr_to_batch:
             self.log(f"learning rate scaled to the batch: {config.learning_rate:g} x {self.examples_per_step}/"
                      f"{config.scale_lr_to_batch} = {self.learning_rate:g}")
+        iterator = iter(self.train_data)
+        keep_until_exit(iterator)
         try:
-            summary = self._loop(train_steps, eval_step, iter(self.train_data), history, writer, budget)
+            summary = self._loop(train_steps, eval_step, iterator, history, writer, budget)
         except KeyboardInterrupt:
             self._save_checkpoint()
             raise

@@ -222,7 +222,7 @@ def slowed(self):
     return slow_train_steps, eval_step
 
 Trainer._make_steps = slowed
-sys.exit(train.main(sys.argv[1:]))
+train.command(sys.argv[1:])
 """
 
 
@@ -246,6 +246,22 @@ def test_time_budget_ends_on_time_through_a_slowdown(tiny_data, tmp_path):  # no
     assert float(history[-1]["learning_rate"]) == pytest.approx(0.0, abs=1e-9)  # linear-to-zero reached zero
     assert float(history[0]["learning_rate"]) > 0
     assert (run / "saved_model" / "run" / "1" / "saved_model.pb").is_file()
+
+
+def test_the_training_iterator_outlives_its_run_until_the_next(tiny_data, tmp_path):  # noqa: F811
+    """Deleting it can wait up to a minute for tf.data's autotuning thread: a run keeps it past its
+    end (the command line then exits without deleting it), and the next run in the process drops it."""
+    from keras_seg import trainer as trainer_module
+
+    first = Trainer(make_config(tiny_data, tmp_path / "a", "--iters", "2", "--no-export"), log=quiet)
+    first.run()
+    kept = trainer_module._KEPT_ITERATORS
+    assert len(kept) == 1 and kept[0]._iterators  # a live tf.distribute iterator
+    images, _ = next(kept[0])  # still usable: nothing has deleted it
+    assert images.shape[1:] == (64, 128, 3)
+    before = kept[0]
+    Trainer(make_config(tiny_data, tmp_path / "b", "--iters", "2", "--no-export"), log=quiet).run()
+    assert len(kept) == 1 and kept[0] is not before
 
 
 def _fake_run(directory, recorded=None):
