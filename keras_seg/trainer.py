@@ -49,16 +49,16 @@ _KEPT_ITERATORS = []
 
 
 def keep_until_exit(iterator):
-    """Keep the training stream's iterator alive past the end of its run.
+    """Keep the training stream's iterator alive past the end of its run (None: keep none).
 
     Deleting a tf.distribute iterator waits for tf.data's autotuning threads, which sleep between
     optimisations for up to a minute and are not woken by the deletion: at the end of 3- to
-    10-minute runs on CPU-C, half the runs sat idle for 50-113 s between their last step and their
-    final phase (gdb: `RootDataset::Iterator::~Iterator` waiting for `Model::OptimizeLoop`), past
-    their time budgets. The command line ends its process without deleting it (`train.command`);
-    in a Python session it goes when the next run keeps its own.
+    10-minute runs on CPU-C, 4 of 6 runs past one pass over the data sat idle for 41-113 s between
+    their last step and their final phase (gdb: `RootDataset::Iterator::~Iterator` waiting for
+    `Model::OptimizeLoop`), past their time budgets. The command line ends its process without
+    deleting it (`train.command`); in a Python session it goes when the next run starts.
     """
-    _KEPT_ITERATORS[:] = [iterator]
+    _KEPT_ITERATORS[:] = [] if iterator is None else [iterator]
 
 
 def build_optimizer(config: TrainConfig, learning_rate, variables, clip=True):
@@ -359,13 +359,16 @@ class Trainer:
             self.log(f"learning rate scaled to the batch: {config.learning_rate:g} x {self.examples_per_step}/"
                      f"{config.scale_lr_to_batch} = {self.learning_rate:g}")
         iterator = iter(self.train_data)
-        keep_until_exit(iterator)
+        # With a file cache it goes at the end of the loop, as before: its deletion is when TensorFlow
+        # removes a cache it has only partly written.
+        keep_until_exit(iterator if config.cache in (None, "memory") else None)
         try:
             summary = self._loop(train_steps, eval_step, iterator, history, writer, budget)
         except KeyboardInterrupt:
             self._save_checkpoint()
             raise
         finally:
+            del iterator
             history.close()
             writer.close()
         last_step_at = time.time()
