@@ -53,7 +53,7 @@ def keep_until_exit(iterator):
 
     Deleting a tf.distribute iterator waits for tf.data's autotuning threads, which sleep between
     optimisations for up to a minute and are not woken by the deletion: at the end of 3- to
-    10-minute runs on CPU-C, 4 of 6 runs past one pass over the data sat idle for 41-113 s between
+    10-minute runs on CPU-C, 5 of 7 runs past one pass over the data sat idle for 41-113 s between
     their last step and their final phase (gdb: `RootDataset::Iterator::~Iterator` waiting for
     `Model::OptimizeLoop`), past their time budgets. The command line ends its process without
     deleting it (`train.command`); in a Python session it goes when the next run starts.
