@@ -64,6 +64,8 @@ class AugmentConfig:
         rotation_degrees: angles are drawn uniformly from [-rotation_degrees, +rotation_degrees].
         brightness_prob / brightness_delta: additive shift drawn from [-delta, +delta].
         contrast_prob / contrast_range: factor around the per-channel mean of the (brightened) input image.
+        contrast_centre: "mean" (as `tf.image.adjust_contrast`) or "zero": a plain multiplication of the
+            pixel values, as MMSegmentation's PhotoMetricDistortion does.
         saturation_prob / saturation_range: factor on HSV saturation.
         hue_prob / hue_delta: shift of HSV hue drawn from [-delta, +delta] (1.0 = full circle).
         blur_prob / blur_sigma_range: Gaussian blur, sigma in pixels drawn uniformly.
@@ -85,6 +87,7 @@ class AugmentConfig:
     brightness_delta: float = 0.125
     contrast_prob: float = 0.5
     contrast_range: tuple = (0.75, 1.25)
+    contrast_centre: str = "mean"
     saturation_prob: float = 0.5
     saturation_range: tuple = (0.75, 1.25)
     hue_prob: float = 0.5
@@ -118,6 +121,8 @@ class AugmentConfig:
             raise ValueError(f"occlusion_max_boxes must be >= 1, got {self.occlusion_max_boxes}")
         if self.image_interpolation not in ("bilinear", "nearest"):
             raise ValueError(f"image_interpolation must be 'bilinear' or 'nearest', got {self.image_interpolation!r}")
+        if self.contrast_centre not in ("mean", "zero"):
+            raise ValueError(f"contrast_centre must be 'mean' or 'zero', got {self.contrast_centre!r}")
         for name in ("rotation_degrees", "brightness_delta", "hue_delta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -282,6 +287,8 @@ def _photometric(images, draws, config, mean):
     if config.contrast_prob > 0:
         on = (draws[:, _CONTRAST_ON] < config.contrast_prob)[per_sample]
         factor = _uniform(draws, _CONTRAST, *config.contrast_range)[per_sample]
+        if config.contrast_centre == "zero":
+            mean = tf.zeros_like(mean)
         # As tf.image.adjust_contrast, but with a factor per sample; (x - m) + m is not bit-exact,
         # so samples without the transform keep their input.
         images = tf.where(on, tf.clip_by_value((images - mean) * factor + mean, 0.0, 1.0), images)

@@ -14,13 +14,20 @@ import collections
 import os
 import time
 
-# Before anything is measured: the export (tracing the model into a SavedModel) costs several
-# model saves, and at least the 3.5-4 s that tracing its four signatures (with the inference
-# contract's window loop) took for the smallest models on CPU-B.
-EXPORT_SAVES = 6.0
+# The export traces the model into a SavedModel: it costs several model saves, or about as long as
+# tracing the evaluation step, which the first validation measures (its time over a later one's).
+# In a tiny 2-minute run on CPU-D the export took 1.5 s after a 1.55 s trace; EXPORT_TRACES leaves
+# room for the contract's window loop in bigger models. Before any validation: 4 s (the smallest
+# models' export on CPU-B, 3.5-4 s).
+EXPORT_SAVES, EXPORT_TRACES = 6.0, 1.5
 MIN_EXPORT_SECONDS = 4.0
-# After the last line: the interpreter's and TensorFlow's shut-down (1-2 s on CPU-B).
-EXIT_SECONDS = 1.5
+# After the last line: the process's end. The command ends with os._exit (keras_seg.train), which
+# took 0.1 s in CI on CPU-D (the last line at 113.92 s, the exit at 114.0); it was 1-2 s on CPU-B
+# when the interpreter and TensorFlow shut down in full.
+EXIT_SECONDS = 0.3
+# The run report scores the val split once more (a validation's time) and draws its charts (0.5 s
+# for a tiny run on CPU-D; it was 4 s here until a 2-minute CI run ended 9 s early).
+REPORT_DRAW_SECONDS = 1.0
 # Step time is the mean over the chunks of the recent past: 3% of the budget (at least 3 s, at
 # most a minute), long enough to smooth noise, short enough that a slow-down late in the run is
 # followed before the end (a 1-minute budget looks at the last 3 s, a 35-minute one at the last minute).
@@ -56,17 +63,20 @@ class TimeBudget:
         margin: seconds kept free for what cannot be measured in advance (the trainer: 2% of the
             budget, so that a run aims to end at 98% of it).
         export: whether the run ends with a SavedModel export.
+        report: whether the run ends with its report (`keras_seg.report`).
         window: seconds of recent chunks whose mean step time is the estimate.
     """
 
-    def __init__(self, deadline, clock=time.time, margin=0.0, export=True, window=MAX_WINDOW_SECONDS):
+    def __init__(self, deadline, clock=time.time, margin=0.0, export=True, window=MAX_WINDOW_SECONDS, report=False):
         self.deadline = deadline
         self.export = export
+        self.report = report
         self.window = window
         self.clock = clock
         self.margin = margin
         self._chunks = collections.deque()  # (end time, steps, seconds)
         self.validation_seconds = None
+        self.first_validation_seconds = None
         self.save_seconds = None
 
     def record_steps(self, steps, seconds):
@@ -77,6 +87,17 @@ class TimeBudget:
 
     def record_validation(self, seconds):
         self.validation_seconds = seconds
+
+    def record_first_validation(self, seconds):
+        """The first validation also traces the evaluation step: not a measure of the others."""
+        self.first_validation_seconds = seconds
+
+    @property
+    def trace_seconds(self):
+        """How long tracing the evaluation step took, once a later validation is measured; else None."""
+        if self.first_validation_seconds is None or self.validation_seconds is None:
+            return None
+        return max(0.0, self.first_validation_seconds - self.validation_seconds)
 
     def record_save(self, seconds):
         self.save_seconds = seconds if self.save_seconds is None else max(self.save_seconds, seconds)
@@ -91,11 +112,14 @@ class TimeBudget:
         return sum(c[2] for c in self._chunks) / max(steps, 1)
 
     def final_seconds(self, validation_estimate) -> float:
-        """What follows the last step: a validation, the last model, the export and the process's exit."""
+        """What follows the last step: a validation, the last model, the export, the report and the process's exit."""
         save = self.save_seconds or 1.0
         validation = self.validation_seconds if self.validation_seconds is not None else validation_estimate
-        export = max(MIN_EXPORT_SECONDS, EXPORT_SAVES * save) if self.export else 0.0
-        return validation + 2 * save + export + EXIT_SECONDS
+        trace = self.trace_seconds
+        export = max(EXPORT_SAVES * save, MIN_EXPORT_SECONDS if trace is None else EXPORT_TRACES * trace)
+        export = export if self.export else 0.0
+        report = validation + REPORT_DRAW_SECONDS if self.report else 0.0
+        return validation + 2 * save + export + report + EXIT_SECONDS
 
     def plan(self, step, validations_left, validation_estimate=0.0) -> int:
         """The total step count that ends the run on time, given `validations_left` validations

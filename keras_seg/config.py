@@ -71,7 +71,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
-    weight_decay: float = 1e-4  # not applied to biases and normalisation parameters
+    weight_decay: float = 1e-4  # decoupled: not applied to biases and normalisation parameters
+    weight_decay_mode: str = "decoupled"  # or "l2": PyTorch's SGD, wd * w in every gradient
     clipnorm: float = 1.0  # global gradient norm; 0: off
     schedule: str = "cosine"
     warmup_iters: Optional[int] = None  # takes precedence over warmup_epochs when set (0: no warm-up)
@@ -213,8 +214,13 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError("--strategy tpu is not supported: the confusion-matrix metrics count pixels in a float64 "
                           "variable, which TPUs lack, and float32 or int32 counts are inexact or overflow over a "
                           "full-resolution epoch")
+    if config.time_budget and _several_workers(config.strategy):
+        raise ConfigError("--time-budget cannot be used with --strategy multiworker: each worker would plan its "
+                          "length and validations from its own clock (workers ending apart hang); give --iters")
     if config.devices and config.strategy != "mirrored":
         raise ConfigError("--devices applies to --strategy mirrored only")
+    if config.weight_decay_mode not in ("decoupled", "l2"):
+        raise ConfigError(f"--weight-decay-mode must be decoupled or l2, got {config.weight_decay_mode!r}")
     if config.nesterov and config.optimizer != "sgd":
         raise ConfigError("--nesterov applies to --optimizer sgd only")
     if not isinstance(config.image_size, (list, tuple)) or len(config.image_size) != 2:
@@ -252,6 +258,20 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def _several_workers(strategy: str) -> bool:
+    """Whether the run is multi-worker: asked for, or `auto` with TF_CONFIG listing several workers."""
+    if strategy == "multiworker":
+        return True
+    import json
+    import os
+
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except (ValueError, AttributeError):
+        return False  # the strategy's own check reports a bad TF_CONFIG
+    return strategy == "auto" and sum(len(v) for v in cluster.values()) > 1  # as distribute.choose_strategy
+
+
 def _check_sizing(config: TrainConfig, stride: int):
     """The reader's sizing options, and the inference contract they imply (`config.inference`)."""
     from keras_seg import contract
@@ -281,8 +301,14 @@ def _check_sizing(config: TrainConfig, stride: int):
         _check_number(config, "cat_max_ratio", 0, above=True)
         if config.cat_max_ratio > 1:
             raise ConfigError(f"--cat-max-ratio must be in (0, 1] (1: off), got {config.cat_max_ratio}")
+    # "whole" contracts run the model at each image's own size (and each TTA ratio's) padded to a
+    # multiple of its stride, through a (None, None)-input copy (an encoder's U-Net needs 32 whatever
+    # its depth). DDRNet's DAPPM pools over windows fixed by its input size: no divisor, its whole
+    # images are padded to the input size as before.
+    divisor = None if config.model.get("architecture") == "ddrnet" else (
+        max(stride, 32) if config.model.get("encoder") else stride)
     config.inference = contract.for_training(config.resize_mode, config.image_size, config.base_scale,
-                                             config.inference_mode, config.inference_overlap).to_dict()
+                                             config.inference_mode, config.inference_overlap, divisor).to_dict()
 
 
 def _check_model_args(model: dict):

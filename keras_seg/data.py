@@ -25,7 +25,7 @@ import random
 import tensorflow as tf
 
 from keras_seg import tfrecord
-from keras_seg.contract import keep_ratio_size, resize_uint8
+from keras_seg.contract import fit_size, keep_ratio_size, resize_uint8
 from keras_seg.labels import IGNORE_INDEX
 
 RESIZE_MODES = ("resize", "crop", "fit", "scale_crop")
@@ -181,12 +181,12 @@ def random_scale_crop_example(image, mask, size, base_scale, ratio_range, seed, 
 
 
 def fit_example(image, mask, size, ignore_index=IGNORE_INDEX):
-    """Scale (aspect kept) to fit inside `size`, then pad (centred; mask: ignore) to exactly `size`."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    ratio = tf.minimum(size[0] / shape[0], size[1] / shape[1])
-    fitted = tf.cast(tf.minimum(tf.round(shape * ratio), tf.constant(size, tf.float32)), tf.int32)
-    fitted = tf.maximum(fitted, 1)
-    image, mask = _resize(image, mask, fitted)
+    """Scale (aspect kept) to fit inside `size`, then pad (centred; mask: ignore) to exactly `size`.
+
+    The rule (`keras_seg.contract.fit_size`) and the centred padding are the "fit" inference contract's.
+    """
+    shape = tf.shape(image)
+    image, mask = _resize(image, mask, fit_size(shape[0], shape[1], size))
     return crop_or_pad_example(image, mask, size, ignore_index)
 
 
@@ -273,18 +273,36 @@ def _check_first_record(paths):
     raise tfrecord.DatasetFormatError(f"the shards {[os.path.basename(p) for p in paths]} hold no records")
 
 
+def damaged_shard(data_dir, splits):
+    """After a read failed (`tf.errors.DataLossError`): the first damaged record in the shards of `splits`,
+    as one line naming the file, the byte offset and how to mend it; None when every shard reads whole.
+    Only called on error: it reads every shard."""
+    info = tfrecord.load_dataset_info(data_dir)
+    for split in dict.fromkeys(splits):
+        if split not in info["splits"]:
+            continue
+        for path in _shard_paths(data_dir, split, info):
+            damage = tfrecord.find_damage(path)
+            if damage is not None:
+                return (f"{path}: {damage}, a damaged or half-copied shard: copy it again, or convert split {split!r} "
+                        f"again (tools/make_tfrecords.py ... --split {split} --overwrite)")
+    return None
+
+
 class _PipelineRecords:
     """The serialized records one input pipeline reads in one pass over the split.
 
-    Shards are divided among the pipelines when there are at least as many shards as pipelines;
-    otherwise every pipeline reads the shards in one common order and keeps every n-th record, so
-    that the pipelines' records are disjoint and together complete in every pass.
+    Shards are divided among the pipelines when they divide evenly (6 shards, 3 pipelines);
+    otherwise (3 shards on 2 pipelines would give one pipeline twice the other's share, and its
+    records would be drawn half as often) every pipeline reads the shards in one common order and
+    keeps every n-th record, so that the pipelines' records are disjoint, together complete, and
+    equal in number to one record in every pass.
     """
 
     def __init__(self, paths, pipeline_id, num_pipelines, num_parallel_calls):
         self.paths = paths
         self.pipeline_id, self.num_pipelines = pipeline_id, num_pipelines
-        self.shard_records = num_pipelines > 1 and len(paths) < num_pipelines
+        self.shard_records = num_pipelines > 1 and len(paths) % num_pipelines != 0
         self.num_parallel_calls = num_parallel_calls
 
     def one_pass(self, epoch_seed=None):

@@ -11,14 +11,21 @@ STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
-def cpu_has_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 arithmetic instructions (AVX512-BF16 or AMX-BF16)."""
+# `choose_precision`'s answer where only a measurement of the run's own step can decide
+# (`keras_seg.precision_probe`): a CPU with bfloat16 instructions.
+MEASURE = "measure"
+
+
+def cpu_bfloat16(cpuinfo="/proc/cpuinfo") -> str | None:
+    """The CPU's bfloat16 instructions: "amx" (AMX-BF16 tiles), "avx512_bf16" (without AMX) or None."""
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return None
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else None
 
 
 def choose_precision(name: str, gpus=None) -> tuple:
@@ -29,8 +36,12 @@ def choose_precision(name: str, gpus=None) -> tuple:
       mixed_bfloat16, as fast as float16 there and without loss scaling; 7.x (Volta, Turing)
       mixed_float16, which their tensor cores run; below 7.0 float32 (no tensor cores: float16
       brings little and costs loss scaling);
-    - on a CPU never mixed_float16 (about 5x slower than float32 on CPU-A, docs/performance.md):
-      mixed_bfloat16 where the CPU has bfloat16 instructions, else float32.
+    - on a CPU never mixed_float16 (about 5x slower than float32 on CPU-A, docs/performance.md);
+      with bfloat16 instructions (AMX, or AVX512-BF16 without it), `MEASURE`: the faster of the two
+      on the run's own step decides (`keras_seg.precision_probe`; bfloat16 was 1.2-1.8x faster for
+      the UNets with AMX on CPU-A, and 1.3x slower for LR-ASPP MobileNetV3 both on CPU-C, without
+      AMX, and on CPU-D, with it); where the run is too short to pay for the measurement, AMX
+      gives mixed_bfloat16 and AVX512-BF16 alone float32; else float32.
 
     Args:
         name: one of PRECISIONS.
@@ -52,8 +63,11 @@ def choose_precision(name: str, gpus=None) -> tuple:
         if major == 7:
             return "mixed_float16", f"auto: {capability} (7.x: float16 tensor cores, bfloat16 unsupported)"
         return "float32", f"auto: {capability} < 7.0 has no tensor cores: mixed precision would bring little"
-    if cpu_has_bfloat16():
-        return "mixed_bfloat16", "auto: a CPU with bfloat16 instructions (AVX512-BF16 or AMX)"
+    bfloat16 = cpu_bfloat16()
+    if bfloat16 == "amx":
+        return MEASURE, "auto: a CPU with AMX: the faster precision on this run's step (else mixed_bfloat16)"
+    if bfloat16 == "avx512_bf16":
+        return MEASURE, "auto: a CPU with AVX512-BF16 but no AMX: the faster precision on this run's step"
     return "float32", "auto: a CPU without bfloat16 instructions (float16 and bfloat16 would be slower there)"
 
 

@@ -106,7 +106,7 @@ def check_label_spaces(segmenter, info, data_dir):
 
 
 def evaluate_split(segmenter, data_dir, split=None, flip=False, scales=(1.0,), batch_size=4, limit=0,
-                   progress=True) -> dict:
+                   progress=True, on_image=None) -> dict:
     """The confusion matrix and metrics of `segmenter` on a split, at the original resolution.
 
     Args:
@@ -118,6 +118,8 @@ def evaluate_split(segmenter, data_dir, split=None, flip=False, scales=(1.0,), b
         batch_size: images per model call when the split's images share one size (else 1).
         limit: evaluate only the first `limit` images (0: all).
         progress: show a progress bar.
+        on_image: called as `on_image(image, mask, prediction, confusion_matrix)` for every image
+            (uint8 RGB, class ids, that image's matrix): the run report's worst and best images.
 
     Returns:
         `keras_seg.metrics.summarize_confusion`'s dict, plus `images`, `seconds` and `split`.
@@ -150,8 +152,11 @@ def evaluate_split(segmenter, data_dir, split=None, flip=False, scales=(1.0,), b
                 images, masks = images[:limit - count], masks[:limit - count]
             probabilities = segmenter.probabilities(images, flip, scales)
             predictions = np.argmax(probabilities.numpy(), axis=-1)
-            for mask, prediction in zip(masks, predictions):
-                cm += metrics.confusion_matrix(mask, prediction, num_classes, info.get("ignore_index", 255))
+            for image, mask, prediction in zip(images, masks, predictions):
+                image_cm = metrics.confusion_matrix(mask, prediction, num_classes, info.get("ignore_index", 255))
+                cm += image_cm
+                if on_image is not None:
+                    on_image(image, mask, prediction, image_cm)
             count += len(images)
             bar.update(len(images))
             if limit and count >= limit:
@@ -214,14 +219,18 @@ def build_parser():
                     "IoU / accuracy / Dice, pixel accuracy, Cityscapes category mIoU, a confusion matrix PNG.",
     )
     parser.add_argument("--model", required=True, metavar="RUN_OR_SAVEDMODEL",
-                        help="run directory (its best.keras), a .keras file in one, or a keras_seg.export SavedModel "
-                             "(a version folder, or the model folder: its highest version)")
+                        help="run directory (its best.keras), a .keras file in one, a keras_seg.export SavedModel "
+                             "(a version folder, or the model folder: its highest version), or an exported .tflite, "
+                             ".onnx or OpenVINO .xml (run by its own runtime)")
     parser.add_argument("--data", required=True, metavar="DIR", help="TFRecord directory from tools/make_tfrecords.py")
     parser.add_argument("--split", help="split to evaluate (default: val, or TFDS' validation)")
     parser.add_argument("--output", metavar="DIR",
                         help="where metrics.json, per_class_iou.txt and confusion_matrix.png go "
                              "(default for a run: RUN/evaluation/SPLIT-MODE; needed for a SavedModel)")
     parser.add_argument("--overwrite", action="store_true", help="replace those files when they exist")
+    parser.add_argument("--report", metavar="FILE",
+                        help="also write an HTML page (docs/report.md): the per-class chart, the confusion matrix and "
+                             "the worst and best images, to compare an export with its float model at a glance")
     add_inference_arguments(parser)
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average over the scale ratios 0.5-1.75 and their flips "
@@ -244,12 +253,16 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: --limit must be >= 0, got {args.limit}\n")
     if args.scales and not args.tta:
         parser.exit(2, "error: --scales applies with --tta\n")
+    if args.report and (os.path.isdir(args.report) or (os.path.exists(args.report) and not args.overwrite)):
+        parser.exit(2, f"error: --report {args.report} " + ("is a directory: give a file name such as report.html\n"
+                                                           if os.path.isdir(args.report) else
+                                                           "exists: --overwrite to replace it, or choose another\n"))
     from keras_seg.quiet import import_tensorflow
 
     import_tensorflow()
     import tensorflow as tf
 
-    from keras_seg import contract, inference, metrics, visualize
+    from keras_seg import contract, data, inference, metrics, visualize
     from keras_seg.files import write_json_atomically, write_text_atomically
     from keras_seg.tfrecord import DatasetFormatError, load_dataset_info, validation_split
 
@@ -265,12 +278,21 @@ def main(argv=None) -> int:
         if existing and not args.overwrite:
             raise EvaluationError(f"{output} already holds {', '.join(existing)}: --overwrite to replace, or "
                                   "choose another --output")
+        scores = None
+        if args.report:
+            from keras_seg.report import ImageScores
+
+            scores = ImageScores(k=4)
         summary = evaluate_split(segmenter, args.data, split, flip, scales, args.batch_size, args.limit,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, on_image=scores)
     except (EvaluationError, inference.InferenceError, DatasetFormatError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     except tf.errors.OpError as err:
-        parser.exit(2, f"error: reading {args.data} split {args.split!r}: {err.message.strip().splitlines()[0]}\n")
+        # A damaged shard met mid-split: name it (the shards are scanned only now, on error).
+        found = data.damaged_shard(args.data, [split]) if isinstance(err, tf.errors.DataLossError) else None
+        if found is None:
+            found = f"reading {args.data} split {args.split!r}: {err.message.strip().splitlines()[0]}"
+        parser.exit(2, f"error: {found}\n")
 
     class_names = segmenter.class_names
     settings = {"model": segmenter.source, "data": args.data, "split": split, "mode": mode,
@@ -290,6 +312,12 @@ def main(argv=None) -> int:
                                   visualize.confusion_matrix_image(summary["confusion_matrix"], class_names,
                                                                    title=title))
     print(f"wrote {', '.join(OUTPUT_NAMES)} to {output}")
+    if args.report:
+        from keras_seg.report import write_evaluation_report
+
+        write_evaluation_report(args.report, summary, scores, class_names, segmenter.colors, settings,
+                                segmenter.ignore_index)
+        print(f"report: {args.report}")
     return 0
 
 

@@ -1,7 +1,11 @@
-"""Export a run's best model as a SavedModel for TF Serving.
+"""Export a run's best model as a SavedModel for TF Serving, or as a LiteRT / ONNX / OpenVINO file.
 
     python -m keras_seg.export --run runs/NAME --output DIR [--name NAME --version N]
+    python -m keras_seg.export --run runs/NAME --format {litert,onnx,openvino} [--quantize {none,fp16,int8}]
+        [--calibration-images N] --output DIR
 
+The deployment formats (`export_artifact`, see docs/deploy.md) write `DIR/model.{tflite,onnx,xml}`
+and `DIR/labels.json` through Keras' own `Model.export`; by default (`--format saved_model`) it
 writes `DIR/NAME/VERSION/` (TF Serving's layout: it serves the highest numbered version) with:
 
 * `serving_default`: `images`, tf.string [N], encoded JPEG or PNG bytes (one size per call) ->
@@ -117,6 +121,207 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
     return final
 
 
+# --------------------------------------------------------------------------- deployment artifacts
+
+FORMATS = ("saved_model", "litert", "onnx", "openvino")
+QUANTIZATIONS = ("none", "fp16", "int8")
+ARTIFACT_FILES = {"litert": "model.tflite", "onnx": "model.onnx", "openvino": "model.xml"}
+DEFAULT_CALIBRATION_IMAGES = 200
+
+
+def deployment_model(model, input_size):
+    """The run's model behind a fixed input: float32 RGB pixels [1, h, w, 3] in [0, 255] -> logits.
+
+    The division by 255 is inside, so clients feed pixels, and an int8 model's uint8 input maps
+    one pixel value to one quantized step. One fixed shape: delegates reject dynamic ones.
+    """
+    import keras
+
+    pixels = keras.Input(shape=(*input_size, 3), batch_size=1, dtype="float32", name="images")
+    logits = model(keras.layers.Rescaling(1.0 / 255.0, name="to_unit_range")(pixels))
+    return keras.Model(pixels, keras.layers.Identity(name="logits")(logits), name="keras_seg_deploy")
+
+
+def calibration_windows(run_dir, contract, count, data_dir=None, seed=0):
+    """Up to `count` float32 windows [h, w, 3] in [0, 255] from the run's training TFRecords: each image
+    rescaled by the inference contract and cut into its windows, i.e. what the deployed model sees."""
+    import json
+
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_seg import contract as contracts
+    from keras_seg import tfrecord
+    from keras_seg.data import decode_record
+
+    if data_dir is None:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            data_dir = json.load(f).get("data")
+    if not data_dir or not os.path.isdir(data_dir):
+        raise ExportError(f"int8 calibration needs the run's training data: {data_dir!r} is not a directory "
+                          "(give --calibration-data DIR)")
+    try:
+        info = tfrecord.load_dataset_info(data_dir)
+        shards = [os.path.join(data_dir, s) for s in info["splits"]["train"]["shards"]]
+    except (tfrecord.DatasetFormatError, KeyError, OSError) as err:
+        raise ExportError(f"--calibration-data {data_dir}: no training TFRecords ({err})") from err
+    tile_h, tile_w = contract.input_size
+    stride_h, stride_w = (max(1, int(round(t * (1.0 - contract.overlap)))) for t in contract.input_size)
+    windows = []
+    records = tf.data.TFRecordDataset(shards).shuffle(4096, seed=seed).map(decode_record)
+    for image, _ in records:
+        size = contracts.rescaled_size(tf.shape(image)[0], tf.shape(image)[1], contract)
+        image = contracts.resize_uint8(image, size).numpy()
+        height, width = max(image.shape[0], tile_h), max(image.shape[1], tile_w)
+        image = np.pad(image, [[0, height - image.shape[0]], [0, width - image.shape[1]], [0, 0]])
+        for y in contracts.window_offsets(height, tile_h, stride_h).numpy():
+            for x in contracts.window_offsets(width, tile_w, stride_w).numpy():
+                windows.append(image[y:y + tile_h, x:x + tile_w].astype(np.float32))
+                if len(windows) >= count:
+                    return windows
+    return windows
+
+
+def litert_options(quantize, windows=None):
+    """`Model.export(format="litert")` converter options for a quantization."""
+    import tensorflow as tf
+
+    # Builtin ops only: Keras' default adds SELECT_TF_OPS (Flex), which most devices cannot run.
+    if quantize == "none":
+        return {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
+    if quantize == "fp16":
+        return {"optimizations": [tf.lite.Optimize.DEFAULT],
+                "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS],
+                                "supported_types": [tf.float16]}}
+
+    def representative_dataset():
+        for window in windows:
+            yield [window[None]]
+
+    return {"optimizations": [tf.lite.Optimize.DEFAULT], "representative_dataset": representative_dataset,
+            "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+            "inference_input_type": tf.uint8, "inference_output_type": tf.int8}
+
+
+def litert_op_report(path) -> dict:
+    """{op name: count} of a .tflite's ops, and those that compute in float (a float input or output)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=os.fspath(path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops, float_ops = {}, {}
+    for op in interpreter._get_ops_details():  # noqa: SLF001 - the interpreter's only op listing
+        name = op["op_name"]
+        ops[name] = ops.get(name, 0) + 1
+        used = [tensors[i]["dtype"].__name__ for i in list(op["inputs"]) + list(op["outputs"]) if i in tensors]
+        if any(d in ("float32", "float16") for d in used):
+            float_ops[name] = float_ops.get(name, 0) + 1
+    return {"ops": ops, "float_ops": float_ops}
+
+
+def describe_io(path, kind) -> dict:
+    """The artifact's input and output as its own runtime reads them: name, dtype, shape, value range."""
+    from keras_seg import runtimes
+
+    runtime = runtimes.load_runtime(path)
+    if kind == "litert":
+        pairs = [(runtime.input, "input"), (runtime.output, "output")]
+        described = {}
+        for detail, role in pairs:
+            entry = {"name": detail["name"], "dtype": detail["dtype"].__name__,
+                     "shape": [int(v) for v in detail["shape"]]}
+            scale, zero = detail["quantization"]
+            if scale:
+                entry["quantization"] = {"scale": float(scale), "zero_point": int(zero),
+                                         "real_value": "(q - zero_point) * scale"}
+            described[role] = entry
+    elif kind == "onnx":
+        described = {"input": {"name": runtime.input.name, "dtype": "float32", "shape": list(runtime.input.shape)},
+                     "output": {"name": runtime.output_name, "dtype": "float32",
+                                "shape": list(runtime.session.get_outputs()[0].shape)}}
+    else:
+        model = runtime.compiled
+        described = {"input": {"name": model.input(0).get_any_name(), "dtype": "float32",
+                               "shape": list(model.input(0).get_partial_shape().to_shape())},
+                     "output": {"name": model.output(0).get_any_name(), "dtype": "float32",
+                                "shape": list(model.output(0).get_partial_shape().to_shape())}}
+    described["input"]["value_range"] = "RGB pixels 0..255 (not normalised: the model divides by 255 itself)"
+    described["input"]["layout"] = "NHWC, batch 1, the contract's input size"
+    described["output"]["value_range"] = "logits (softmax over the last axis gives probabilities)"
+    described["output"]["layout"] = "NHWC: [1, h, w, num_classes]"
+    return described
+
+
+def export_artifact(run_dir, output_dir, fmt, quantize="none", calibration_images=DEFAULT_CALIBRATION_IMAGES,
+                    calibration_data=None, overwrite=False, log=print) -> str:
+    """Export a run's model as a LiteRT, ONNX or OpenVINO file in `output_dir` beside `labels.json`;
+    returns the model file's path. `labels.json` holds the run's labels and contract and, under
+    "artifact", the format, quantization and exact input / output description."""
+    from keras_seg import inference, runtimes
+    from keras_seg.contract import InferenceContract
+    from keras_seg.files import write_json_atomically as write_json
+
+    if fmt not in ARTIFACT_FILES:
+        raise ExportError(f"--format {fmt!r}: one of {FORMATS}")
+    if quantize != "none" and fmt != "litert":
+        raise ExportError(f"--quantize {quantize}: LiteRT only (ONNX and OpenVINO are exported in float32)")
+    if quantize == "int8" and int(calibration_images) < 1:
+        raise ExportError(f"--calibration-images must be >= 1, got {calibration_images}")
+    for module in (None, *runtimes.CONVERTERS[fmt]):  # a missing extra: one line, before anything heavy
+        runtimes.require(fmt, module)
+    output_dir = os.fspath(output_dir)
+    path = os.path.join(output_dir, ARTIFACT_FILES[fmt])
+    if os.path.exists(path) and not overwrite:
+        raise ExportError(f"{path} exists: choose another --output or --overwrite")
+    model, info = inference.load_run_model(run_dir)
+    contract = InferenceContract.from_dict(info["inference"])
+    if getattr(contract, "size_divisor", None):
+        raise ExportError(f"{run_dir}: its contract runs the model at each image's own size; deployment artifacts "
+                          "take one fixed size: export --format saved_model")
+    import keras
+    import numpy as np
+
+    deploy = deployment_model(model, contract.input_size)
+    deploy(np.zeros((1, *contract.input_size, 3), np.float32))  # the ONNX exporter wants a model that was called
+    os.makedirs(output_dir, exist_ok=True)
+    artifact = {"format": fmt, "quantize": quantize, "file": ARTIFACT_FILES[fmt]}
+    options = {}
+    if fmt == "litert":
+        windows = None
+        if quantize == "int8":
+            windows = calibration_windows(run_dir, contract, int(calibration_images), calibration_data)
+            artifact["calibration"] = {"windows": len(windows), "source": "the run's training TFRecords, rescaled "
+                                       "and windowed by the inference contract"}
+        options = litert_options(quantize, windows)
+    log(f"exporting {run_dir} as {fmt}" + (f" ({quantize})" if quantize != "none" else "") + f" to {path}")
+    staging = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
+    try:
+        staged = os.path.join(staging, ARTIFACT_FILES[fmt])
+        try:
+            deploy.export(staged, format=fmt, verbose=False, input_signature=[keras.InputSpec(
+                shape=(1, *contract.input_size, 3), dtype="float32")], **options)
+        except Exception as err:  # converters raise their own types; say which op failed, in one line
+            raise ExportError(f"{fmt} conversion failed: {_conversion_error(err)}") from err
+        if fmt == "litert":
+            artifact["ops"] = litert_op_report(staged)
+        artifact.update(describe_io(staged, fmt))
+        for name in os.listdir(staging):  # OpenVINO writes model.xml and model.bin
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json(os.path.join(output_dir, inference.LABELS_NAME), dict(info, artifact=artifact))
+    return path
+
+
+def _conversion_error(err) -> str:
+    """The converter's message line naming the op or layer, else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    for line in lines:
+        if re.search(r"\bop\b|operator|layer|not supported|unsupported", line, re.IGNORECASE):
+            return line[:300]
+    return lines[0][:300]
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m keras_seg.export",
@@ -130,6 +335,16 @@ def build_parser():
     parser.add_argument("--version", type=int, help="version number (default: one above the highest in DIR/NAME)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/NAME/VERSION")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--format", choices=FORMATS, default="saved_model",
+                        help="saved_model (TF Serving, the default), litert (.tflite), onnx (.onnx) or openvino "
+                             "(.xml + .bin); the last three go in DIR with labels.json, at the contract's input size")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                        help="litert only: fp16 (float16 weights) or int8 (full-integer, uint8 pixels in)")
+    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                        help=f"int8: calibration windows from the run's training TFRecords "
+                             f"(default {DEFAULT_CALIBRATION_IMAGES})")
+    parser.add_argument("--calibration-data", metavar="DIR",
+                        help="int8: the TFRecord directory to calibrate on (default: the run's --data)")
     return parser
 
 
@@ -141,6 +356,17 @@ def main(argv=None) -> int:
     import_tensorflow()
     from keras_seg.inference import InferenceError
 
+    if args.format != "saved_model":
+        try:
+            path = export_artifact(args.run, args.output, args.format, args.quantize, args.calibration_images,
+                                   args.calibration_data, args.overwrite)
+        except (ExportError, InferenceError, OSError) as err:
+            parser.exit(2, f"error: {err}\n")
+        print(f"wrote {path} and {os.path.join(os.path.dirname(path), 'labels.json')} (classes, contract, input "
+              f"and output)\nscore it: python -m keras_seg.evaluate --model {path} --data DIR")
+        return 0
+    if args.quantize != "none":
+        parser.exit(2, "error: --quantize applies to --format litert\n")
     try:
         path = export_saved_model(args.run, args.output, args.name, args.version, args.overwrite,
                                   progress=not args.no_progress)

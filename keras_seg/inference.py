@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -113,7 +113,8 @@ class SegmentationModule(tf.Module):
         self.num_classes = int(num_classes)
         if labels_path is not None:
             self.labels = tf.saved_model.Asset(labels_path)
-        size = contract.input_size
+        # A "whole" contract with a size divisor runs the model at the image's own (padded) size.
+        size = (None, None) if contract.size_divisor else contract.input_size
         # One traced model call that every signature shares: the model is traced once.
         self.model_probabilities = tf.function(
             lambda images: {"probabilities": contracts.keras_model_fn(model)(images)},
@@ -245,7 +246,12 @@ def run_contract(config: dict) -> contracts.InferenceContract:
     """A run's contract from its config.json; runs recorded before contracts existed get the one
     their resize mode implies (stretching runs keep stretching)."""
     if config.get("inference"):
-        return contracts.InferenceContract.from_dict(config["inference"], "config.json: inference")
+        contract = contracts.InferenceContract.from_dict(config["inference"], "config.json: inference")
+        if config.get("resize_mode") == "fit" and contract.resize == "keep_ratio":
+            # Recorded before "fit" had its own rule: keep_ratio ignored the box's orientation, so
+            # portrait images were inferred at up to 2x the scale they were trained at.
+            contract = replace(contract, resize="fit")
+        return contract
     return contracts.for_training(config.get("resize_mode", "resize"), config["image_size"])
 
 
@@ -327,7 +333,8 @@ def load_run_model(run_dir, checkpoint=None, mode=None, tile=None, overlap=None)
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy("float32")
     try:
-        entry = {"model": recorded_model_config(config["model"]), "input_size": tuple(contract.input_size)}
+        size = (None, None) if contract.size_divisor else tuple(contract.input_size)  # see SegmentationModule
+        entry = {"model": recorded_model_config(config["model"]), "input_size": size}
         model = build_model(entry, info["num_classes"])
         try:
             model.load_weights(checkpoint)
@@ -370,7 +377,8 @@ def load_saved_model(path):
 
 
 def load_segmenter(path, mode=None, tile=None, overlap=None) -> Segmenter:
-    """A `Segmenter` from a run directory, a `.keras` file in one, or a `keras_seg.export` SavedModel.
+    """A `Segmenter` from a run directory, a `.keras` file in one, a `keras_seg.export` SavedModel, or
+    an exported `.tflite` / `.onnx` / OpenVINO `.xml` (`keras_seg.runtimes`).
 
     Args:
         path: the model.
@@ -383,6 +391,10 @@ def load_segmenter(path, mode=None, tile=None, overlap=None) -> Segmenter:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InferenceError(f"{path}: no such file or directory")
+    from keras_seg import runtimes  # .tflite / .onnx / OpenVINO .xml: windows run through their own runtime
+
+    if runtimes.artifact_kind(path) and os.path.isfile(path):
+        return runtimes.artifact_segmenter(path, mode, tile, overlap)
     if path.endswith(".keras") and os.path.isfile(path):
         model, info = load_run_model(os.path.dirname(os.path.abspath(path)), path, mode, tile, overlap)
         return segmenter_from_model(model, info, source=path)

@@ -127,6 +127,15 @@ class _SegmentationLoss(keras.losses.Loss):
     def from_statistics(self, stats):
         raise NotImplementedError
 
+    # Gradient accumulation (`keras_seg.replicas.global_batch_loss(totals=...)`) needs the sums of the
+    # whole accumulated batch. `mask_statistics` gives those that the masks alone decide (a subset
+    # of `statistics`' keys); a loss whose value is not linear in the others (`NEEDS_TOTALS`: Dice)
+    # needs them all, from a forward pass over every micro-batch first.
+    NEEDS_TOTALS = False
+
+    def mask_statistics(self, y_true) -> dict:
+        raise NotImplementedError
+
     def _pixel_weights(self, labels):
         return 1.0 if self.class_weights is None else ops.take(ops.convert_to_tensor(self.class_weights), labels)
 
@@ -150,6 +159,10 @@ class _PerPixelLoss(_SegmentationLoss):
 
     def from_statistics(self, stats):
         return ops.divide_no_nan(stats["sum"], stats["count"])
+
+    def mask_statistics(self, y_true):
+        valid = ops.not_equal(ops.cast(y_true, "int32"), self.ignore_index)
+        return {"count": ops.sum(ops.cast(valid, "float32"))}
 
 
 @keras.saving.register_keras_serializable(package="keras_seg")
@@ -210,6 +223,68 @@ class FocalLoss(_PerPixelLoss):
 
 
 @keras.saving.register_keras_serializable(package="keras_seg")
+class OhemCrossEntropyLoss(_SegmentationLoss):
+    """Online hard example mining cross-entropy, as MMSegmentation's `OhemCrossEntropy` (DDRNet's loss).
+
+    Of a batch's valid pixels it keeps those whose softmax probability of their true class is below
+    `max(thresh, p_k)`, where p_k is the (min_kept + 1)-th smallest such probability, so at least
+    `min_kept` pixels (or all, if fewer) are kept; the loss is the mean (class-weighted) cross-entropy
+    of the kept pixels. The selection is per replica batch, as MMSegmentation's is per GPU; across
+    replicas the kept pixels' sums and counts are added, so the loss is the mean over every kept
+    pixel. With `--accumulate` the selection is per micro-batch.
+
+    Args:
+        thresh: float in (0, 1]. Pixels predicted with at least this probability count as easy.
+        min_kept: int >= 1. Pixels kept at least, per batch. The defaults are DDRNet's Cityscapes
+            config (0.9, 131,072).
+        class_weights: per-class weights [C], or None.
+        ignore_index: int. Label of ignored pixels.
+    """
+
+    def __init__(self, thresh: float = 0.9, min_kept: int = 131072, class_weights=None,
+                 ignore_index: int = IGNORE_INDEX, name="ohem_cross_entropy", **kwargs):
+        super().__init__(class_weights, ignore_index, name=name, **kwargs)
+        if not 0 < thresh <= 1:
+            raise ValueError(f"ohem thresh must be in (0, 1], got {thresh}")
+        if int(min_kept) < 1:
+            raise ValueError(f"ohem min_kept must be >= 1, got {min_kept}")
+        self.thresh, self.min_kept = float(thresh), int(min_kept)
+
+    def _kept_and_losses(self, y_true, y_pred):
+        labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
+        one_hot = ops.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+        nll = ops.logsumexp(logits, axis=-1) - ops.sum(logits * one_hot, axis=-1)
+        # The selection is not differentiated (as MMSegmentation's, under no_grad).
+        true_probability = ops.stop_gradient(ops.exp(-nll))
+        # Ignored pixels sort after every valid one (probabilities are at most 1).
+        ranked = ops.sort(ops.reshape(ops.where(valid > 0, true_probability, 2.0), (-1,)))
+        valid_count = ops.cast(ops.sum(valid), "int32")
+        index = ops.maximum(ops.minimum(self.min_kept, valid_count - 1), 0)
+        threshold = ops.maximum(ops.take(ranked, index), self.thresh)
+        kept = valid * ops.cast(ops.less(true_probability, threshold), "float32")
+        return nll * self._pixel_weights(labels), kept
+
+    def statistics(self, y_true, y_pred):
+        losses, kept = self._kept_and_losses(y_true, y_pred)
+        return {"sum": ops.sum(losses * kept), "count": ops.sum(kept)}
+
+    def from_statistics(self, stats):
+        return ops.divide_no_nan(stats["sum"], stats["count"])
+
+    NEEDS_TOTALS = True  # the kept pixels depend on the predictions
+
+    def mask_statistics(self, y_true):
+        return {}
+
+    def call(self, y_true, y_pred):
+        losses, kept = self._kept_and_losses(y_true, y_pred)
+        return _per_valid_pixel(losses, kept)
+
+    def get_config(self):
+        return {**super().get_config(), "thresh": self.thresh, "min_kept": self.min_kept}
+
+
+@keras.saving.register_keras_serializable(package="keras_seg")
 class DiceLoss(_SegmentationLoss):
     """Soft multi-class Dice loss from logits: `1 - weighted mean over classes of the soft Dice`.
 
@@ -241,6 +316,11 @@ class DiceLoss(_SegmentationLoss):
         pixel_axes = tuple(range(len(logits.shape) - 1))
         return {"intersection": ops.sum(probs * targets, axis=pixel_axes),
                 "cardinality": ops.sum(probs, axis=pixel_axes) + ops.sum(targets, axis=pixel_axes)}
+
+    NEEDS_TOTALS = True
+
+    def mask_statistics(self, y_true):
+        return {}  # the cardinalities hold the predicted probabilities
 
     def from_statistics(self, stats):
         dice = (2.0 * stats["intersection"] + self.smooth) / (stats["cardinality"] + self.smooth)
@@ -286,6 +366,13 @@ class CombinedLoss(keras.losses.Loss):
     def from_statistics(self, stats):
         return sum(weight * loss.from_statistics(stats[f"{i}"]) for i, (weight, loss) in enumerate(self.losses))
 
+    @property
+    def NEEDS_TOTALS(self):  # noqa: N802 (the terms' class attribute)
+        return any(loss.NEEDS_TOTALS for _, loss in self.losses)
+
+    def mask_statistics(self, y_true):
+        return {f"{i}": loss.mask_statistics(y_true) for i, (_, loss) in enumerate(self.losses)}
+
     def get_config(self):
         return {
             "name": self.name,
@@ -298,7 +385,7 @@ class CombinedLoss(keras.losses.Loss):
         return cls(losses, name=config.get("name"))
 
 
-LOSSES = {"ce": CrossEntropyLoss, "dice": DiceLoss, "focal": FocalLoss}
+LOSSES = {"ce": CrossEntropyLoss, "dice": DiceLoss, "focal": FocalLoss, "ohem": OhemCrossEntropyLoss}
 _TERM = re.compile(r"^\s*(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
 # Short forms accepted for the weighting methods, as on a command line.
 _WEIGHTING_ALIASES = {"inverse": "inverse_frequency", "median": "median_frequency"}

@@ -212,7 +212,8 @@ def build_parser():
                     "and image | prediction (| ground truth) panels, or Cityscapes labelId PNGs.",
     )
     parser.add_argument("--model", required=True, metavar="RUN_OR_SAVEDMODEL",
-                        help="run directory (its best.keras), a .keras file in one, or a keras_seg.export SavedModel")
+                        help="run directory (its best.keras), a .keras file in one, a keras_seg.export SavedModel, "
+                             "or an exported .tflite, .onnx or OpenVINO .xml (run by its own runtime)")
     parser.add_argument("--input", required=True, nargs="+", metavar="FILE_OR_DIR",
                         help="image files, or directories searched recursively for .png / .jpg / .jpeg")
     parser.add_argument("--output", required=True, metavar="DIR", help="where the outputs go")
@@ -228,6 +229,9 @@ def build_parser():
     parser.add_argument("--panel-height", type=int, default=512,
                         help="panels taller than this are scaled down (default: 512; 0: full size)")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip images that cannot be read (listed on stderr and counted at the end) instead of "
+                             "stopping at the first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -272,15 +276,26 @@ def main(argv=None) -> int:
         segmenter = inference.load_segmenter(args.model, args.inference, args.tile, args.overlap)
         labelids = labelid_table(segmenter) if args.format == "cityscapes-labelids" else None
         items = plan(args, segmenter, found)
+        skipped = []
         for item in tqdm(items, unit="img", desc="predict", disable=args.no_progress):
-            image = read_image(item.path)
+            try:
+                image = read_image(item.path)
+            except PredictError as err:
+                if not args.skip_bad:
+                    raise
+                skipped.append(item.path)
+                tqdm.write(f"skipped {err}", file=sys.stderr)
+                continue
             gt = read_ground_truth(item, segmenter.label_space, image.shape) if item.gt_path else None
             prediction = segmenter.predict(image, args.flip)
             write_outputs(output_paths(item, args.output, args.format), image, prediction.class_ids, segmenter,
                           args.format, gt, args.alpha, args.panel_height, labelids)
     except (PredictError, inference.InferenceError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
-    print(f"wrote the outputs of {len(items)} image{'s' if len(items) != 1 else ''} to {args.output}")
+    written = len(items) - len(skipped)
+    print(f"wrote the outputs of {written} image{'s' if written != 1 else ''} to {args.output}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} (listed above on stderr)")
     return 0
 
 

@@ -58,7 +58,9 @@ def native_stderr_filtered():
 
 def import_tensorflow():
     """Import TensorFlow and Keras, and look for GPUs, without the start-up noise; returns `tensorflow`."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Level 1 holds back C++ INFO only: level 2 would also drop TensorFlow's real WARNINGs (such as a
+    # cache read in part) for the whole process; start-up's own notices are filtered by line.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     with native_stderr_filtered():

@@ -38,18 +38,37 @@ def sum_over_replicas(values):
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
-def global_batch_loss(loss, y_true, y_pred):
+def global_batch_loss(loss, y_true, y_pred, totals=None):
     """The loss over the global batch (every replica's part), differentiable in this replica's part.
 
     `loss` is a keras_seg loss with `statistics` / `from_statistics` (`keras_seg.losses`).
+    `totals`: for one micro-batch of an accumulated step, statistics already summed over every
+    replica and micro-batch (a nest like `statistics`', possibly with fewer keys); a statistic it
+    holds replaces the replicas' sum in the loss's value (not in its gradient). With the valid-pixel
+    count of the whole step, the cross-entropy's gradients of the micro-batches add up to that of
+    the whole step (its value is then this micro-batch's share); with every total (Dice), each
+    micro-batch's gradient is its part of the whole step's, and its value the whole step's loss.
     """
     local = loss.statistics(y_true, y_pred)
     total = sum_over_replicas(local)
-    stats = tf.nest.map_structure(lambda mine, everyone: mine + tf.stop_gradient(everyone - mine), local, total)
-    return loss.from_statistics(stats)
+
+    def combine(mine, everyone, known):
+        if isinstance(mine, dict):
+            return {key: combine(mine[key], everyone[key], known.get(key, {})) for key in mine}
+        known = everyone if isinstance(known, dict) else known
+        return mine + tf.stop_gradient(known - mine)
+
+    return loss.from_statistics(combine(local, total, totals or {}))
 
 
-def apply_global_gradients(optimizer, grads, variables, clipnorm=None, update_scales=None):
+def accumulation_totals(loss, masks, statistics=None):
+    """The statistics of a whole accumulated step, for `global_batch_loss(totals=...)`: summed over
+    the replicas, from the masks alone or, given `statistics` (summed over the micro-batches of this
+    replica), those."""
+    return sum_over_replicas(loss.mask_statistics(masks) if statistics is None else statistics)
+
+
+def apply_global_gradients(optimizer, grads, variables, clipnorm=None, update_scales=None, l2_decay=0.0):
     """Sum `grads` over the replicas, clip by their global norm, and apply them once.
 
     Args:
@@ -63,6 +82,10 @@ def apply_global_gradients(optimizer, grads, variables, clipnorm=None, update_sc
             multiplied by it; 0 keeps the variable bit for bit. Keras 3 has no per-variable
             learning rate, and Adam's updates do not scale with the gradient: this is a learning
             rate multiplier (an encoder's), on the clipped global gradient.
+        l2_decay: float. PyTorch's SGD weight decay (MMSegmentation's): `l2_decay * w` joins each
+            variable's gradient after the clipping (torch's `clip_grad_norm_` runs before
+            `optimizer.step()`, which adds it) and before the momentum; not for a variable whose
+            update scale is 0 (frozen: its momentum stays put).
     """
     scaled = []
     if update_scales is not None:
@@ -74,6 +97,11 @@ def apply_global_gradients(optimizer, grads, variables, clipnorm=None, update_sc
         # A non-finite norm makes every gradient NaN: a loss-scaled step is then skipped as a whole.
         clipped, _ = tf.clip_by_global_norm([g / scale for g in grads], clipnorm)
         grads = [g * scale for g in clipped]
+    if l2_decay:
+        scale = optimizer.dynamic_scale if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else 1.0
+        scales = update_scales if update_scales is not None else [None] * len(variables)
+        grads = [g + tf.where(s == 0.0, 0.0, 1.0) * l2_decay * scale * v.value if s is not None
+                 else g + l2_decay * scale * v.value for g, v, s in zip(grads, variables, scales)]
     if replicas > 1:
         grads = [g / replicas for g in grads]  # the optimizer's own all-reduce sums them back
     optimizer.apply(grads, variables)

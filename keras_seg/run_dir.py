@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 
+import keras
 import numpy as np
 
 from keras_seg.files import publish, temp_path_beside, write_json_atomically, write_text_atomically
@@ -41,10 +42,18 @@ class RunDir:
 def save_model_atomically(model, path):
     """`model.save` to a temporary file beside `path`, then rename: `path` is never half-written."""
     tmp = temp_path_beside(path, suffix=".keras")  # Keras wants the .keras suffix
+    # Synchronized batch norm is how several replicas train, not part of the model: saved, it makes
+    # the file load only on TensorFlow (JAX and torch have no such layer option).
+    synchronized = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+                    if isinstance(layer, keras.layers.BatchNormalization) and layer.synchronized]
     try:
+        for layer in synchronized:
+            layer.synchronized = False
         model.save(tmp)
         publish(tmp, path)
     finally:
+        for layer in synchronized:
+            layer.synchronized = True
         if os.path.exists(tmp):
             os.remove(tmp)
 
@@ -57,12 +66,17 @@ class History:
         if keep_until_step and os.path.exists(path):
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if "step" in r and int(r["step"]) <= keep_until_step]
-        self._file = open(path, "w", newline="")
+        # The kept rows go to a new file that replaces the old one whole: a process killed here
+        # leaves the previous history, never a truncated one.
+        partial = path + ".partial"
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+        os.replace(partial, path)
+        self._file = open(path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=HISTORY_COLUMNS)
-        self._writer.writeheader()
-        for row in rows:
-            self._writer.writerow(row)
-        self._file.flush()
 
     def append(self, row):
         self._writer.writerow({k: row[k] for k in HISTORY_COLUMNS})

@@ -53,14 +53,20 @@ class WarmupDecaySchedule(tf.Module):
         self.base = float(base_learning_rate)
         self.shape = shape
         self.power = float(power)
-        self.warmup_steps = int(warmup_steps)
+        # A variable: a time-budget run caps its warm-up once it knows its length (`cap_warmup`),
+        # and the checkpoint keeps the cap for a resume.
+        self.warmup = tf.Variable(int(warmup_steps), dtype=tf.int64, trainable=False, name="warmup_steps")
         self.warmup_start = float(warmup_start)
         self.final_ratio = float(DEFAULT_FINAL_RATIO[shape] if final_ratio is None else final_ratio)
         self.total_steps = tf.Variable(int(max(total_steps, 1)), dtype=tf.int64, trainable=False, name="total_steps")
         # Progress `anchor_progress` at step `anchor_step`; the decay runs linearly from there to 1 at total_steps.
-        self.anchor_step = tf.Variable(self.warmup_steps, dtype=tf.int64, trainable=False, name="anchor_step")
+        self.anchor_step = tf.Variable(int(warmup_steps), dtype=tf.int64, trainable=False, name="anchor_step")
         self.anchor_progress = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="anchor_progress")
         self.scale = tf.Variable(1.0, dtype=tf.float64, trainable=False, name="plateau_scale")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup.numpy())
 
     def progress(self, step):
         """Progress through the decay phase at `step`, in [0, 1] (0 during warm-up)."""
@@ -82,9 +88,9 @@ class WarmupDecaySchedule(tf.Module):
             factor = f + (1.0 - f) * tf.pow(1.0 - p, self.power)
         else:
             factor = f + (1.0 - f) * (1.0 - p)
-        if self.warmup_steps:
-            ramp = self.warmup_start + (1.0 - self.warmup_start) * step / self.warmup_steps
-            factor = tf.where(step < self.warmup_steps, ramp, factor)
+        warmup = tf.cast(self.warmup, tf.float64)
+        ramp = self.warmup_start + (1.0 - self.warmup_start) * step / tf.maximum(warmup, 1.0)
+        factor = tf.where(step < warmup, ramp, factor)
         return tf.cast(self.base * self.scale * factor, tf.float32)
 
     def retarget(self, step, total_steps):
@@ -94,6 +100,17 @@ class WarmupDecaySchedule(tf.Module):
         self.anchor_progress.assign(self.progress(step))
         self.anchor_step.assign(step)
         self.total_steps.assign(total_steps)
+
+    def cap_warmup(self, step, total_steps):
+        """Shorten the warm-up to half of `total_steps` (as a fixed-length run's), but not before
+        `step`: a run planned shorter than its warm-up would otherwise end with its rate still rising.
+        Returns the new length, or None when the warm-up already fits."""
+        cap = max(int(step), int(total_steps) // 2)
+        if cap >= self.warmup_steps:
+            return None
+        self.warmup.assign(cap)
+        self.anchor_step.assign(cap)  # the decay starts where the warm-up now ends
+        return cap
 
     def cut(self, factor):
         """Reduce-on-plateau: multiply every later rate by `factor`."""

@@ -170,6 +170,30 @@ def read_records(path: str):
     return [r.numpy() for r in tf.data.TFRecordDataset(path)]
 
 
+def find_damage(path: str):
+    """What is wrong with the first damaged record of a TFRecord file, naming the byte offset of its
+    frame, or None when every frame is whole and its CRCs match. Reads the whole file: for use after
+    a read has failed."""
+    with open(path, "rb") as f:
+        offset = 0
+        while True:
+            header = f.read(12)  # length (uint64 LE) and its masked CRC-32C
+            if not header:
+                return None
+            if len(header) < 12:
+                return f"truncated record header at byte {offset} ({len(header)} of 12 bytes)"
+            if _masked_crc32c(header[:8]) != header[8:]:
+                return f"corrupt record length at byte {offset} (CRC mismatch)"
+            (length,) = struct.unpack("<Q", header[:8])
+            body = f.read(length + 4)
+            if len(body) < length + 4:
+                missing = length + 4 - len(body)
+                return f"truncated record at byte {offset} ({missing} of its {length + FRAME_OVERHEAD} bytes missing)"
+            if _masked_crc32c(body[:length]) != body[length:]:
+                return f"corrupt record at byte {offset} (CRC mismatch)"
+            offset += length + FRAME_OVERHEAD
+
+
 # --------------------------------------------------------------------------- writing
 
 

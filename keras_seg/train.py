@@ -117,7 +117,10 @@ def build_parser():
     o.add_argument("--learning-rate", "--lr", type=float)
     o.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (SGD)")
-    o.add_argument("--weight-decay", type=float, help="decoupled; not applied to biases and normalisation parameters")
+    o.add_argument("--weight-decay", type=float, help="decoupled: not applied to biases and normalisation parameters")
+    o.add_argument("--weight-decay-mode", choices=("decoupled", "l2"),
+                   help="decoupled (Keras: w -= lr*wd*w after the update) or l2 (PyTorch's SGD: wd*w added to every "
+                        "gradient before the momentum; the full-resolution recipes)")
     o.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate shape after the warm-up; plateau: constant, cut on plateaus")
     o.add_argument("--warmup-iters", type=int, help="linear warm-up steps (takes precedence over --warmup-epochs)")
@@ -129,7 +132,7 @@ def build_parser():
                                                          "schedule cuts the learning rate")
     o.add_argument("--plateau-factor", type=float)
     o.add_argument("--clipnorm", type=float, help="global gradient-norm clipping (0: off)")
-    o.add_argument("--loss", help="ce, dice, focal, or a weighted sum such as ce+dice or ce+0.5*dice")
+    o.add_argument("--loss", help="ce, dice, focal, ohem, or a weighted sum such as ce+dice or ce+0.5*dice")
     o.add_argument("--class-weights", help="none, inverse, median, enet (from the training pixel counts), "
                                            "or a comma-separated list of per-class weights")
     o.add_argument("--augment", type=_key_value, action="append", metavar="KEY=VALUE",
@@ -359,8 +362,9 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: checkpoint saved; continue with --resume --output {config.output}", file=sys.stderr)
         return 130
     if summary:
+        report = os.path.join(config.output, "report.html")
         print(f"best val mIoU {summary.get('miou', float('nan')):.4f} (step {summary.get('step')}); "
-              f"run directory {config.output}")
+              f"run directory {config.output}" + (f"; open {report}" if os.path.exists(report) else ""))
     return 0
 
 
@@ -399,6 +403,10 @@ def resumed_config(output, args, argv) -> TrainConfig:
         compared.append("init_from")
     if "--preset" in argv:
         compared.append("preset")
+    if "precision" in compared and asked.precision == config.resolved.get("precision"):
+        # The precision the run was trained in, named where `auto` would choose another.
+        compared = [k for k in compared if k != "precision"]
+        config.precision = asked.precision
     changed = [k for k in compared if getattr(asked, k) != getattr(config, k)]
     changed += ["augment" for k, _ in args.augment or [] if asked.augment.get(k) != config.augment.get(k)]
     changed += ["model" for k, _ in args.model_arg or [] if asked.model.get(k) != config.model.get(k)]

@@ -29,12 +29,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_seg import augment, data, distribute, finetune, losses, metrics, schedules, tfrecord, visualize
+from keras_seg import augment, data, distribute, finetune, losses, metrics, precision_probe, schedules, tfrecord
+from keras_seg import visualize
 from keras_seg import contract as contracts
 from keras_seg.budget import TimeBudget, process_start_time, window_seconds
 from keras_seg.config import TrainConfig
 from keras_seg.files import write_json_atomically
-from keras_seg.replicas import apply_global_gradients, global_batch_loss, scale_updates
+from keras_seg.replicas import accumulation_totals, apply_global_gradients, global_batch_loss, scale_updates
 from keras_seg.models import presets
 from keras_seg.run_dir import History, RunDir, save_model_atomically, weights_fingerprint, write_best
 
@@ -64,20 +65,22 @@ def keep_until_exit(iterator):
 def build_optimizer(config: TrainConfig, learning_rate, variables, clip=True):
     """SGD (momentum, Nesterov), Adam or AdamW, with global-norm clipping unless `clip=False` (the
     trainer clips the gradients summed over replicas itself, `keras_seg.replicas`). Weight decay
-    (decoupled, as Keras applies it: w -= lr * wd * w) skips biases and normalisation parameters,
-    i.e. every variable of rank <= 1, as MMSegmentation's `bias_decay_mult=0, norm_decay_mult=0` does."""
+    `decoupled` (as Keras applies it: w -= lr * wd * w) skips biases and normalisation parameters,
+    i.e. every variable of rank <= 1. With `weight_decay_mode="l2"` the optimizer has none: the
+    trainer adds wd * w to every gradient (PyTorch's SGD, `replicas.apply_global_gradients`)."""
     common = {"learning_rate": learning_rate}
     if config.clipnorm and clip:
         common["global_clipnorm"] = config.clipnorm
-    if config.weight_decay:
-        common["weight_decay"] = config.weight_decay
+    decoupled = config.weight_decay if getattr(config, "weight_decay_mode", "decoupled") == "decoupled" else 0.0
+    if decoupled:
+        common["weight_decay"] = decoupled
     if config.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(momentum=config.momentum, nesterov=config.nesterov, **common)
     elif config.optimizer == "adam":
         optimizer = keras.optimizers.Adam(**common)
     else:
         optimizer = keras.optimizers.AdamW(**common)
-    if config.weight_decay:
+    if decoupled:
         optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
     return optimizer
 
@@ -97,7 +100,9 @@ class Trainer:
         self.started_at = process_start_time() if started_at is None else started_at
         self.strategy = distribute.choose_strategy(config.strategy, config.devices)
         self.precision, self.precision_reason = distribute.choose_precision(config.precision)
-        keras.mixed_precision.set_dtype_policy(self.precision)
+        self.precision_measured = {}  # seconds a step per precision, where `auto` timed them
+        if self.precision != distribute.MEASURE:  # else decided when the run starts (`run`)
+            keras.mixed_precision.set_dtype_policy(self.precision)
         self.chief = distribute.is_chief(self.strategy)
         # Non-chief workers write what they must (checkpoints are collective) to scratch space.
         self.run_dir = RunDir(config.output if self.chief else tempfile.mkdtemp(prefix="keras_seg_worker_"))
@@ -152,11 +157,19 @@ class Trainer:
                         layer.synchronized = True
             self.inference_model = self.model
             inference_size = tuple(config.inference["input_size"])
-            if inference_size != tuple(config.image_size):
-                # Whole images at another size than the training crops: the same weights in a
-                # model built for that input, refreshed before each validation.
-                self.inference_model = presets.build_model({"model": config.model, "input_size": inference_size},
-                                                           self.num_classes)
+            if config.inference.get("size_divisor"):
+                inference_size = (None, None)  # whole images at their own size (keras_seg.contract)
+            if inference_size != tuple(config.image_size) or self.precision != "float32":
+                # The same weights in a model built for the contract's input (whole images at
+                # another size than the training crops) and in float32, refreshed before each
+                # validation: validation scores what `evaluate` and the export (float32) score.
+                policy = keras.mixed_precision.global_policy()
+                keras.mixed_precision.set_dtype_policy("float32")
+                try:
+                    self.inference_model = presets.build_model(
+                        {"model": config.model, "input_size": inference_size}, self.num_classes)
+                finally:
+                    keras.mixed_precision.set_dtype_policy(policy)
             shape = "constant" if config.schedule == "plateau" else config.schedule
             self.schedule = schedules.WarmupDecaySchedule(
                 self.learning_rate, shape, total_steps=self.total_steps or UNPLANNED, warmup_steps=warmup,
@@ -230,16 +243,37 @@ class Trainer:
         augment_config, seed, accumulate = self.augment_config, config.seed, config.accumulate
         scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         aux_weight = self.aux_weight if len(model.outputs) > 1 else 0.0
+        micro = config.batch_size  # with --accumulate: the micro-batch, on each replica
 
-        def gradients(images, masks):
+        def gradients(images, masks, totals=(None, None)):
             with tf.GradientTape() as tape:
                 outputs = model(images, training=True)
                 logits = outputs[0] if aux_weight else outputs
-                loss = global_batch_loss(loss_fn, masks, logits)
+                loss = global_batch_loss(loss_fn, masks, logits, totals[0])
                 if aux_weight:  # the auxiliary head's loss, weighted, on the same masks
-                    loss += aux_weight * global_batch_loss(loss_fn, masks, outputs[1])
+                    loss += aux_weight * global_batch_loss(loss_fn, masks, outputs[1], totals[1])
                 objective = optimizer.scale_loss(loss) if scale_loss else loss
             return loss, logits, tape.gradient(objective, model.trainable_variables)
+
+        def step_totals(images, masks):
+            """The loss statistics of the whole accumulated step (main head, auxiliary head), and
+            whether the loss's value is to be taken from them (else: the sum of the micro-batches')."""
+            if not loss_fn.NEEDS_TOTALS:  # cross-entropy, focal: the valid pixels, from the masks
+                counts = accumulation_totals(loss_fn, masks)
+                return (counts, counts), False
+            # Dice: a forward pass over every micro-batch first. The second pass must see the same
+            # network: batch-norm statistics and dropout's seeds go back to where they were.
+            state = [(v, tf.identity(v.value), tf.constant(0.0)) for v in model.non_trainable_variables]
+            sums = [None, None]
+            for k in range(accumulate):
+                part = slice(k * micro, (k + 1) * micro)
+                outputs = model(images[part], training=True)
+                for head, logits in enumerate(outputs if aux_weight else [outputs]):
+                    stats = loss_fn.statistics(masks[part], tf.stop_gradient(logits))
+                    sums[head] = stats if sums[head] is None else tf.nest.map_structure(tf.add, sums[head], stats)
+            if state:
+                scale_updates(state)
+            return tuple(None if s is None else accumulation_totals(loss_fn, masks, s) for s in sums), True
 
         def replica_train_step(images, masks):
             # Seeded by the batch counter: reproducible, different every batch, and resumable.
@@ -257,23 +291,24 @@ class Trainer:
                 loss, logits, grads = gradients(images, masks)
                 self.train_iou.update_state(masks, logits)
             else:
-                # One optimizer step from `accumulate` micro-batches: the mean of their gradients,
-                # with one micro-batch's activations in memory at a time.
-                micro = config.batch_size
+                # One optimizer step from `accumulate` micro-batches, with one micro-batch's
+                # activations in memory at a time: each micro-batch's loss is normalised by the
+                # whole step's statistics, so their gradients add up to the whole step's.
+                totals, loss_from_totals = step_totals(images, masks)
                 loss, grads = 0.0, None
                 for k in range(accumulate):
                     part = slice(k * micro, (k + 1) * micro)
-                    part_loss, logits, part_grads = gradients(images[part], masks[part])
+                    part_loss, logits, part_grads = gradients(images[part], masks[part], totals)
                     self.train_iou.update_state(masks[part], logits)
-                    loss += part_loss / accumulate
+                    loss = part_loss if loss_from_totals else loss + part_loss
                     grads = part_grads if grads is None else [a + b for a, b in zip(grads, part_grads)]
-                grads = [g / accumulate for g in grads]
             if update_scales is not None:
                 # A frozen variable gets no gradient: its optimizer state (momentum, moments) stays put.
                 grads = [g if s is None else tf.where(s == 0.0, tf.zeros_like(g), g)
                          for g, s in zip(grads, update_scales)]
             apply_global_gradients(optimizer, grads, model.trainable_variables, config.clipnorm,
-                                   update_scales=update_scales)
+                                   update_scales=update_scales,
+                                   l2_decay=config.weight_decay if config.weight_decay_mode == "l2" else 0.0)
             if kept:
                 scale_updates(kept)  # the frozen encoder's batch-norm statistics, as they were
             step.assign_add(1)
@@ -307,7 +342,9 @@ class Trainer:
                 total += strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
             return total / tf.cast(steps, tf.float32)
 
-        @tf.function
+        # Validation images of several sizes (VOC at full resolution) would trace the whole eval
+        # graph once per size; reduce_retracing makes the second trace generic in the spatial sides.
+        @tf.function(reduce_retracing=True)
         def eval_step(batch):
             strategy.run(replica_eval_step, args=batch)
 
@@ -318,6 +355,11 @@ class Trainer:
     def run(self):
         config, paths = self.config, self.run_dir
         os.makedirs(paths.root, exist_ok=True)
+        if self.precision == distribute.MEASURE:
+            self.precision, self.precision_reason, self.precision_measured = precision_probe.choose(self, log=self.log)
+            keras.mixed_precision.set_dtype_policy(self.precision)
+        if config.resume:
+            self._check_same_hardware()
         self._build()
         if config.resume:
             # Every worker restores the chief's checkpoint (the run directory must be on storage
@@ -326,7 +368,15 @@ class Trainer:
             latest = tf.train.latest_checkpoint(checkpoints)
             if latest is None:
                 raise ValueError(f"--resume: no checkpoint in {checkpoints}")
-            self.checkpoint.restore(latest).expect_partial()
+            try:
+                # Every variable of the model and optimizer must come from the checkpoint: one that
+                # does not (another keras-seg's layout) is an error, not a silent fresh start.
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.OpError) as err:
+                why = (str(err).strip().splitlines() or [""])[0][:200]
+                raise ValueError(f"--resume: {latest} does not restore into this run's model and optimizer "
+                                 f"({type(err).__name__}: {why}); start a new run with --init-from "
+                                 f"{config.output}") from None
             self.log(f"resuming {config.output} at step {int(self.step.numpy())} (best val mIoU so far "
                      f"{self.best.numpy():.4f}, weights fingerprint {weights_fingerprint(self.model)})")
         elif config.init_from:
@@ -343,10 +393,13 @@ class Trainer:
             # What the interrupted runs spent counts against the budget; this process's start-up too.
             seconds = 60 * config.time_budget
             budget = TimeBudget(self.started_at + seconds - self._spent_before, margin=0.02 * seconds,
-                                export=config.export, window=window_seconds(seconds))
+                                export=config.export, window=window_seconds(seconds), report=True)
             self.total_steps = planned if config.resume and planned < UNPLANNED else None
         self._write_config()
-        self._datasets(start_step)
+        try:
+            self._datasets(start_step)  # a resumed stream counts the records of a pass
+        except tf.errors.DataLossError as err:
+            raise self._damaged_data(err) from None
         train_steps, eval_step = self._make_steps()
         writer = tf.summary.create_file_writer(paths.logs) if self.chief else tf.summary.create_noop_writer()
         history = History(paths.history, keep_until_step=start_step if config.resume else 0)
@@ -364,6 +417,8 @@ class Trainer:
         keep_until_exit(iterator if config.cache in (None, "memory") else None)
         try:
             summary = self._loop(train_steps, eval_step, iterator, history, writer, budget)
+        except tf.errors.DataLossError as err:  # a shard damaged on disk, met mid-run
+            raise self._damaged_data(err) from None
         except KeyboardInterrupt:
             self._save_checkpoint()
             raise
@@ -380,6 +435,21 @@ class Trainer:
                      f"{budget.final_seconds(0.0):.0f} s, took {time.time() - last_step_at:.0f} s)")
         return summary
 
+    def _damaged_data(self, err):
+        """A one-line DatasetFormatError for a read that failed mid-run: the damaged shard (found by
+        scanning the shards now, only on error) and how to go on."""
+        config = self.config
+        found = data.damaged_shard(config.data, ["train", self.val_split])
+        if found is None:
+            found = f"reading {config.data}: {err.message.strip().splitlines()[0]}"
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            then = "no checkpoint was saved yet: start the run again"
+        else:
+            then = (f"then --resume --output {config.output} continues from the last checkpoint "
+                    f"(step {latest.rsplit('-', 1)[-1]})")
+        return tfrecord.DatasetFormatError(f"{found}; {then}")
+
     def _length_text(self):
         config = self.config
         if config.time_budget:
@@ -393,6 +463,9 @@ class Trainer:
                                        verbose=1 if config.progress else 0)
         stopped_early, measured_compile = False, False
         self._validation_count = None
+        # Where this process's wall time goes, for timing.json and the run report.
+        self.timing = {"start_up_seconds": time.time() - self.started_at, "step_seconds": 0.0,
+                       "validation_seconds": 0.0, "checkpoint_seconds": 0.0, "validations": 0, "steps": 0}
         losses_since, steps_since, interval_started = [], 0, time.perf_counter()
         self.train_iou.reset_state()
         while self.total_steps is None or step < self.total_steps:
@@ -410,6 +483,8 @@ class Trainer:
             chunk_started = time.perf_counter()
             loss = float(train_steps(iterator, tf.constant(n)))
             seconds = time.perf_counter() - chunk_started
+            self.timing["step_seconds"] += seconds
+            self.timing["steps"] += n
             step += n
             losses_since.append(loss * n)
             steps_since += n
@@ -429,6 +504,8 @@ class Trainer:
             if final or step >= validate_at:
                 self._validate_and_log(eval_step, step, sum(losses_since) / steps_since,
                                        time.perf_counter() - interval_started, history, writer, budget)
+                self.timing["validation_seconds"] += time.perf_counter() - events_started
+                self.timing["validations"] += 1
                 self._validation_count = self._validations_done(step) + 1
                 losses_since, steps_since, interval_started = [], 0, time.perf_counter()
                 self.train_iou.reset_state()
@@ -442,6 +519,8 @@ class Trainer:
                 # the evaluation step and is not a measure of the others.
                 if self._validated:
                     budget.record_validation(time.perf_counter() - events_started)
+                else:
+                    budget.record_first_validation(time.perf_counter() - events_started)
                 self._validated = True
                 if not final and budget.plan(step, 0, self._validation_estimate(budget)) <= step:
                     # Not one more step fits before a final validation: the one just done is the
@@ -495,6 +574,11 @@ class Trainer:
         # Re-fit the schedule only for a real change, not for every few milliseconds of noise.
         if self.total_steps is None or abs(total - self.total_steps) > max(1, 0.002 * self.total_steps):
             self.total_steps = total
+            before = self.schedule.warmup_steps
+            capped = self.schedule.cap_warmup(step, total)
+            if capped is not None:
+                self.log(f"time budget: warm-up of {before} steps shortened to {capped} (half of the "
+                         f"{total} steps planned, or the step reached)")
             self.schedule.retarget(step, total)
 
     def _validation_estimate(self, budget):
@@ -550,16 +634,44 @@ class Trainer:
     def _save_checkpoint(self):
         # Seconds this run has spent, across resumes: before this process, and in it.
         self.elapsed.assign(self._spent_before + time.time() - self.started_at)
+        saved = time.perf_counter()
         self.manager.save(checkpoint_number=int(self.step.numpy()))
+        if hasattr(self, "timing"):
+            self.timing["checkpoint_seconds"] += time.perf_counter() - saved
+            self._write_timing()
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             # Lets a person (and the multi-worker test) see that a resume restores this state.
             self.log(f"checkpoint step {int(self.step.numpy())} weights fingerprint {weights_fingerprint(self.model)}")
+
+    def _check_same_hardware(self):
+        """A resumed run continues only with the examples per step and precision it was trained with.
+
+        Its input position is `step x examples_per_step` and its learning rate may be scaled to the
+        batch: on another replica count it would replay or skip data and change its rate silently.
+        Its checkpoint holds the optimizer of its precision (mixed_float16's loss scale): across
+        precisions the restore fails inside TensorFlow. Both are refused here, in one line.
+        """
+        config, recorded = self.config, self.config.resolved
+        examples, replicas = recorded.get("examples_per_step"), recorded.get("replicas")
+        if examples is not None and examples != self.examples_per_step:
+            raise ValueError(
+                f"--resume: {config.output} was trained on {replicas} replica(s), {examples} examples a step; "
+                f"here {self.replicas} replica(s) make {self.examples_per_step}, so its input position and "
+                f"learning rate would not continue: resume where {replicas} device(s) are used, or start a "
+                f"new run with --init-from {config.output}")
+        precision = recorded.get("precision")
+        if precision and precision != self.precision:
+            raise ValueError(
+                f"--resume: {config.output} was trained in {precision}, and --precision {config.precision} gives "
+                f"{self.precision} here; its optimizer state does not restore across precisions: resume "
+                f"with --precision {precision}, or start a new run with --init-from {config.output}")
 
     def _write_config(self):
         config = self.config
         if not self.chief:
             return
         config.resolved = {"precision": self.precision, "precision_reason": self.precision_reason,
+                           "precision_seconds_per_step": self.precision_measured,
                            "strategy": distribute.strategy_name(self.strategy),
                            "replicas": self.replicas, "global_batch_size": self.global_batch,
                            "examples_per_step": self.examples_per_step, "steps_per_epoch": self.steps_per_epoch,
@@ -570,6 +682,7 @@ class Trainer:
 
     def _finish(self):
         config, paths = self.config, self.run_dir
+        self._finish_started = time.time()
         if self.chief and config.time_budget:
             # The step count the budget came to, so that the run can be repeated with --iters.
             config.resolved["total_steps"] = int(self.step.numpy())
@@ -588,6 +701,25 @@ class Trainer:
                 from keras_seg.export import export_saved_model
 
                 export_saved_model(paths.root, paths.saved_model, version=1, overwrite=True, log=self.log)
+            self._write_report()
+
+    def _write_timing(self):
+        if self.chief:
+            write_json_atomically(os.path.join(self.run_dir.root, "timing.json"), self.timing)
+
+    def _write_report(self):
+        """RUN/report.html; a report that fails says why in one line and leaves the run as it is."""
+        if hasattr(self, "timing"):
+            self.timing["final_phase_seconds"] = time.time() - self._finish_started
+            self._write_timing()
+        try:
+            from keras_seg.report import write_run_report  # draws with matplotlib: imported only here
+
+            self.log(f"report: {write_run_report(self.run_dir.root)}")
+        except Exception as err:  # noqa: BLE001 - the models and checkpoints are written: the run stands
+            why = (str(err).strip().splitlines() or [""])[0]
+            self.log(f"report: not written ({type(err).__name__}: {why}); rebuild it with "
+                     f"python -m keras_seg.report {self.run_dir.root}")
 
     def _best_summary(self):
         if os.path.exists(self.run_dir.best_metrics):
@@ -613,6 +745,9 @@ class Trainer:
                     tf.summary.scalar(f"val_iou/{name.replace(' ', '_')}", iou)
             if "category_miou" in result:
                 tf.summary.scalar("val_category_miou", result["category_miou"])
+            tf.summary.image("val_confusion_matrix",
+                             visualize.confusion_matrix_image(result["confusion_matrix"], self.class_names)[None],
+                             step=step, description="rows: ground truth, % of its pixels")
             tf.summary.image("val_samples", self._predictions_grid(4)[None], step=step,
                              description="image | ground truth | prediction")
 

@@ -37,6 +37,10 @@ def reference_probabilities(image, model_fn, resize, scale, window, overlap=1 / 
             size = (round(scale[0] * ratio), round(scale[1] * ratio))
         elif resize == "none":
             size = (round(height * ratio), round(width * ratio))
+        elif resize == "fit":  # inside the box (H, W) x ratio, orientation as given
+            box = (scale[0] * ratio, scale[1] * ratio)
+            factor = min(box[0] / height, box[1] / width)
+            size = (min(round(height * factor), round(box[0])), min(round(width * factor), round(box[1])))
         else:
             factor = min(max(scale) * ratio / max(height, width), min(scale) * ratio / min(height, width))
             size = (round(height * factor), round(width * factor))
@@ -47,7 +51,7 @@ def reference_probabilities(image, model_fn, resize, scale, window, overlap=1 / 
         views = [x, x[:, ::-1]] if flip else [x]
         averaged = 0
         for k, view in enumerate(views):
-            p = numpy_slide(view, model_fn, window, overlap)
+            p = numpy_slide(view, model_fn, window, overlap, centre=resize == "fit")
             averaged = averaged + (p[:, ::-1] if k else p)
         averaged = averaged / len(views)
         if averaged.shape[:2] != (height, width):
@@ -56,11 +60,14 @@ def reference_probabilities(image, model_fn, resize, scale, window, overlap=1 / 
     return total / len(scales)
 
 
-def numpy_slide(image, model_fn, window, overlap):
+def numpy_slide(image, model_fn, window, overlap, centre=False):
+    """Windows over the image padded with black to at least `window`: at the bottom/right, or
+    `centre`d (half each side, the odd pixel after), as the "fit" letterbox of training pads."""
     height, width = image.shape[:2]
     padded_h, padded_w = max(height, window[0]), max(width, window[1])
+    top, left = ((padded_h - height) // 2, (padded_w - width) // 2) if centre else (0, 0)
     padded = np.zeros((padded_h, padded_w, 3), np.uint8)
-    padded[:height, :width] = image
+    padded[top:top + height, left:left + width] = image
     steps = [max(1, round(t * (1 - overlap))) for t in window]
     rows = sorted(set(list(range(0, padded_h - window[0], steps[0])) + [padded_h - window[0]]))
     cols = sorted(set(list(range(0, padded_w - window[1], steps[1])) + [padded_w - window[1]]))
@@ -72,4 +79,4 @@ def numpy_slide(image, model_fn, window, overlap):
                 total = np.zeros((padded_h, padded_w, p.shape[-1]))
             total[y:y + window[0], x:x + window[1]] += p
             hits[y:y + window[0], x:x + window[1]] += 1
-    return (total / hits)[:height, :width]
+    return (total / hits)[top:top + height, left:left + width]

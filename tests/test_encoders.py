@@ -13,7 +13,15 @@ SIZE = 64
 # encoder -> the keras.applications module whose preprocess_input the ImageNet weights expect
 PREPROCESS_MODULE = {"resnet50": "resnet50", "resnet101": "resnet", "vgg16": "vgg16",
                      "efficientnetv2b0": "efficientnet_v2", "efficientnetv2s": "efficientnet_v2",
-                     "mobilenetv3large": "mobilenet_v3", "convnext_tiny": "convnext"}
+                     "mobilenetv3large": "mobilenet_v3", "mobilenetv3small": "mobilenet_v3",
+                     "convnext_tiny": "convnext"}
+# The README's test command runs one light encoder of each sweep; `-m slow` runs the rest (seven
+# applications built three times each took minutes on an AVX2-only CPU).
+LIGHT = "mobilenetv3large"
+
+
+def light_first(names):
+    return [name if name == LIGHT else pytest.param(name, marks=pytest.mark.slow) for name in names]
 
 
 def reference_application(encoder, size=SIZE):
@@ -50,7 +58,7 @@ def encoder_model(encoder, weights, size=SIZE, output_stride=32):
     return keras.Model(images, [features[s] for s in strides]), strides, names
 
 
-@pytest.mark.parametrize("encoder", list(ENCODERS))
+@pytest.mark.parametrize("encoder", light_first(ENCODERS))
 def test_features_equal_keras_applications_and_both_file_formats_load_exactly(encoder, tmp_path):
     keras.utils.set_random_seed(0)
     reference = reference_application(encoder)
@@ -154,14 +162,15 @@ def test_unet_decoder_skips_and_parameters(encoder):
 
 
 def test_deeplabv3plus_structure_aux_head_and_parameters():
-    model = build_deeplabv3plus(4, (64, 64, 3), encoder="resnet50", aux_weight=0.4, with_aux=True)
+    # the plain head (separable=False); the default, SMP's separable head: tests/test_deeplab_separable.py
+    model = build_deeplabv3plus(4, (64, 64, 3), encoder="resnet50", aux_weight=0.4, with_aux=True, separable=False)
     logits, aux = model.outputs
     assert logits.shape[1:] == (64, 64, 4) and aux.shape[1:] == (64, 64, 4)
     assert model.get_layer("conv5_block3_out").output.shape[1:3] == (4, 4)  # output stride 16
     assert model.get_layer("aspp_rate12_conv").dilation_rate == (12, 12)
     assert model.get_layer("decoder_low_level_conv").input.shape[-1] == 256  # the stride-4 features
     assert model.get_layer("aux_head_conv").input.shape[-1] == 1024  # stride 16: conv4
-    inference = build_deeplabv3plus(4, (64, 64, 3), encoder="resnet50", aux_weight=0.4)
+    inference = build_deeplabv3plus(4, (64, 64, 3), encoder="resnet50", aux_weight=0.4, separable=False)
     assert len(inference.outputs) == 1
     encoder_params = keras.applications.ResNet50(include_top=False, weights=None).count_params()
     aspp = (2048 * 256 + 3 * 9 * 2048 * 256 + 2048 * 256) + 5 * 4 * 256 + (5 * 256 * 256 + 4 * 256)

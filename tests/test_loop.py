@@ -306,14 +306,6 @@ def test_resume_accepts_a_new_length(tmp_path):
     assert (resumed.iters, resumed.time_budget, resumed.learning_rate) == (0, 5.0, config.learning_rate)
 
 
-@pytest.mark.parametrize("bf16,expected", [(True, "mixed_bfloat16"), (False, "float32")])
-def test_precision_auto_on_a_cpu(monkeypatch, bf16, expected):
-    monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: bf16)
-    policy, why = distribute.choose_precision("auto", gpus=[])
-    assert policy == expected and "CPU" in why
-    assert distribute.choose_precision("float32", gpus=[])[0] == "float32"
-
-
 @pytest.mark.parametrize("capabilities,expected", [
     ([(8, 0)], "mixed_bfloat16"), ([(9, 0), (9, 0)], "mixed_bfloat16"), ([(7, 5)], "mixed_float16"),
     ([(7, 0)], "mixed_float16"), ([(6, 1)], "float32"), ([(8, 6), (7, 5)], "mixed_float16"),
@@ -323,7 +315,7 @@ def test_precision_auto_on_gpus_by_compute_capability(monkeypatch, capabilities,
     details = dict(zip(gpus, capabilities))
     monkeypatch.setattr(tf.config.experimental, "get_device_details",
                         lambda gpu: {"device_name": "mock", "compute_capability": details[gpu]})
-    monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: True)  # a GPU decides, not the CPU
+    monkeypatch.setattr(distribute, "cpu_bfloat16", lambda: "amx")  # a GPU decides, not the CPU
     policy, why = distribute.choose_precision("auto", gpus=gpus)
     assert policy == expected
     major, minor = min(capabilities)

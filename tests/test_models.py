@@ -13,9 +13,13 @@ PRESET_PARAMS = {
     "unet_small": 1_948_195,
     "fcn8s": 134_353_017,
     "fcn_resnet50": 33_327_033,
-    "deeplabv3plus_resnet50": 40_435_539,
+    "deeplabv3plus_resnet50": 26_766_083,
     "unet_resnet50": 32_605_379,
     "unet_mobilenetv3": 5_346_627,
+    # The real-time models' CPU presets: the same networks as ddrnet23_slim / lraspp_mobilenetv3_small
+    # (whose trainable counts tests/test_realtime_models.py pins), with batch-norm statistics.
+    "ddrnet23_slim_cpu": 5_715_763,
+    "lraspp_mobilenetv3_small_cpu": 1_090_014,
 }
 
 

@@ -10,6 +10,7 @@ from keras_seg.budget import TimeBudget
 from keras_seg.config import TrainConfig
 from keras_seg.schedules import WarmupDecaySchedule
 from keras_seg.trainer import build_optimizer
+from test_train import read_history, tiny_data  # noqa: F401 (fixture)
 
 
 def lr(schedule, step):
@@ -101,13 +102,65 @@ def test_budget_plan_fills_the_time_left_and_follows_a_slowdown():
     budget.record_validation(5.0)
     clock.now = 100.0
     budget.record_steps(10, 10.0)  # 1 s a step
-    # 900 s left - final (5 s validation + 2 saves + export max(4, 6 x 1 s) + 1.5 s exit) - 3 validations
-    # x 5 s = 870.5: 870 whole steps of 1 s
-    assert budget.final_seconds(0.0) == pytest.approx(5 + 2 + 6 + 1.5)
-    assert budget.plan(step=10, validations_left=3) == 10 + 870
+    # 900 s left - final (5 s validation + 2 saves + export max(4, 6 x 1 s) + 0.3 s exit) - 3 validations
+    # x 5 s = 871.7: 871 whole steps of 1 s
+    assert budget.final_seconds(0.0) == pytest.approx(5 + 2 + 6 + 0.3)
+    assert budget.plan(step=10, validations_left=3) == 10 + 871
     clock.now = 200.0 + 3 * 45  # long after: the window holds only the recent, slower chunks
     for _ in range(3):
         budget.record_steps(10, 20.0)
     assert budget.seconds_per_step == pytest.approx(2.0)
-    left = 1000.0 - clock.now - 14.5 - 3 * 5
+    left = 1000.0 - clock.now - 13.3 - 3 * 5
     assert budget.plan(step=40, validations_left=3) == 40 + int(left // 2)
+
+
+def test_budget_final_phase_sizes_the_export_by_the_measured_trace_and_adds_the_report():
+    """The export costs 1.5 traces of the evaluation step (the first validation over a later one)
+    once both are measured, 4 s before; the report a validation and 1 s of drawing."""
+    budget = TimeBudget(deadline=1000.0, clock=FakeClock(), report=True)
+    budget.record_save(0.1)
+    budget.record_first_validation(2.5)
+    # the first validation is no measure of the others: the caller's estimate (0.7 s) stands for
+    # them; + 2 saves + export 4 s + report (0.7 + 1) + exit 0.3
+    assert budget.final_seconds(0.7) == pytest.approx(0.7 + 0.2 + 4 + 1.7 + 0.3)
+    budget.record_validation(0.5)  # the trace took 2 s: the export 3 s
+    assert budget.final_seconds(0.0) == pytest.approx(0.5 + 0.2 + 3 + 1.5 + 0.3)
+    budget.record_save(1.0)  # six saves outweigh the trace
+    assert budget.final_seconds(0.0) == pytest.approx(0.5 + 2 + 6 + 1.5 + 0.3)
+
+
+def test_a_warmup_longer_than_the_planned_run_is_capped_at_half_of_it():
+    """Item 7: warm-up 100 steps, a budget that fits 40. retarget alone clamped the decay behind the
+    warm-up, so step 40 still ramped (0.01 + 0.99 x 0.4 = 0.406 of the base). Capped at 20: the ramp
+    reaches the base at step 20 and the cosine ends at its end value at step 40."""
+    s = WarmupDecaySchedule(1.0, "cosine", total_steps=10**9, warmup_steps=100, warmup_start=0.01)
+    assert s.cap_warmup(5, 40) == 20
+    s.retarget(5, 40)
+    assert lr(s, 10) == pytest.approx(0.01 + 0.99 * 10 / 20)
+    assert lr(s, 20) == pytest.approx(1.0)
+    assert lr(s, 30) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr(s, 40) == pytest.approx(0.01)
+    assert s.cap_warmup(25, 1000) is None  # a longer plan never lengthens it again
+    assert s.warmup_steps == 20
+
+
+def test_a_budget_run_shorter_than_its_warmup_ends_at_the_schedules_end_value(tiny_data, tmp_path):  # noqa: F811
+    """A 20-second budget and a 100,000-step warm-up: the run logs the cap and its last step's rate is
+    the linear schedule's end value, 0 (it ended still rising before)."""
+    import time
+
+    from keras_seg.trainer import Trainer
+    from test_train import make_config
+
+    lines = []
+    config = make_config(tiny_data, tmp_path / "run", "--time-budget", str(20 / 60), "--warmup-iters", "100000",
+                         "--schedule", "linear", "--no-export")
+    trainer = Trainer(config, log=lines.append, started_at=time.time())
+    trainer.run()
+    assert any(line.startswith("time budget: warm-up of 100000 steps shortened to") for line in lines), lines
+    step = int(trainer.step.numpy())
+    # half of the plan, or the step reached when a slow-down shrank the plan late (17 of 19 under
+    # load): before the last step either way
+    assert step > 10 and trainer.schedule.warmup_steps < step
+    assert float(trainer.schedule(step)) == pytest.approx(0.0, abs=1e-9)
+    assert float(read_history(tmp_path / "run")[-1]["learning_rate"]) == pytest.approx(0.0, abs=1e-9)

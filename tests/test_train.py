@@ -210,11 +210,15 @@ def test_crop_trained_run_validates_as_evaluate_and_an_independent_computation(t
                                               "input_size": [512, 512], "overlap": 1 / 3}),
 ])
 def test_full_resolution_recipes_resolve_over_any_preset(tiny_data, recipe, crop, base_scale, inference):
-    for preset in ("unet_silu", "unet_small", "deeplabv3plus_resnet50", "unet_mobilenetv3"):
+    # Each model's total down-sampling, by hand: 2**4 pools; 2**4 after a stride-2 stem; the encoders' 2**5.
+    # "whole" contracts record it (any multiple of it runs), "slide" ones run fixed windows.
+    total_stride = {"unet_silu": 16, "unet_small": 32, "deeplabv3plus_resnet50": 32, "unet_mobilenetv3": 32}
+    for preset, stride in total_stride.items():
         args = train_cli.build_parser().parse_args(["--preset", preset, "--recipe", recipe, "--data", tiny_data,
                                                     "--iters", "100"])
         config = train_cli.resolve_config(args)
-        assert (config.image_size, config.base_scale, config.inference) == (crop, base_scale, inference)
+        expected = {**inference, "size_divisor": stride} if inference["mode"] == "whole" else inference
+        assert (config.image_size, config.base_scale, config.inference) == (crop, base_scale, expected)
         assert (config.optimizer, config.learning_rate, config.schedule) == ("sgd", 0.01, "poly")
         assert config.scale_lr_to_batch == 8 and config.augment["scale_prob"] == 0.0 and config.recipe == recipe
         assert config.iters == 100  # the command line still has the last word

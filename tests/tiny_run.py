@@ -7,7 +7,7 @@ import os
 import keras
 
 from keras_seg.labels import cityscapes_label_space
-from keras_seg.models.presets import build_model
+from keras_seg.models.presets import build_model, recorded_model_config
 
 INPUT_SIZE = (64, 128)
 MODEL = {"architecture": "unet", "depth": 3, "base_filters": 8, "activation": "silu", "batch_norm": True,
@@ -21,7 +21,9 @@ def write_run(directory, precision="float32", seed=3, model=MODEL, preset="unet_
     keras.mixed_precision.set_dtype_policy(precision)
     try:
         keras.utils.set_random_seed(seed)
-        build_model({"model": model, "input_size": INPUT_SIZE}, 19).save(os.path.join(directory, "best.keras"))
+        # Built as a run recorded with this config is rebuilt (defaults of older runs filled in).
+        model_entry = {"model": recorded_model_config(model), "input_size": INPUT_SIZE}
+        build_model(model_entry, 19).save(os.path.join(directory, "best.keras"))
     finally:
         keras.mixed_precision.set_dtype_policy(previous)
     config = {"preset": preset, "model": model, "image_size": list(INPUT_SIZE),

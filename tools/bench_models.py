@@ -1,7 +1,8 @@
 """Measure model size and training speed of UNet candidates on this machine.
 
-Prints, for each candidate (depth, base filters, activation, input size) and dtype policy: the
-parameter count, training images/s on synthetic data (Adam, sparse cross-entropy, one
+Prints, for each candidate (depth, base filters, activation, input size, or a preset) and dtype policy: the
+parameter count, the forward pass's multiply-accumulates per image (GMAC, TensorFlow's
+profiler: `keras_seg.models.flops`), training images/s on synthetic data (Adam, sparse cross-entropy, one
 `train_on_batch` per step) and the speed relative to the first candidate of the same policy.
 The candidates are measured side by side, round-robin, and each figure is the median over the
 rounds, so that load from other processes on a shared machine biases them all alike.
@@ -22,6 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_seg.models.flops import multiply_accumulates  # noqa: E402
+from keras_seg.models.presets import build_model  # noqa: E402
 from keras_seg.models.unet import build_unet  # noqa: E402
 
 NUM_CLASSES = 19
@@ -46,6 +49,15 @@ CANDIDATES = {
     #   python tools/bench_models.py --candidates unet_silu_256x512 --policies float32 mixed_float16
     #   python tools/bench_models.py --candidates unet_silu_256x512 --policies mixed_float16 --jit-compile true
     "unet_silu_256x512": (dict(depth=4, base_filters=64, activation="silu"), (256, 512)),
+    # Presets by name (issue 22's real-time models beside unet_small), built as the trainer builds them
+    # (without an auxiliary head): python tools/bench_models.py --candidates unet_small_128x256 lraspp_small_256x512
+    "unet_small_128x256": ("unet_small", (128, 256)),
+    "lraspp_small_128x256": ("lraspp_mobilenetv3_small", (128, 256)),
+    "lraspp_small_256x512": ("lraspp_mobilenetv3_small", (256, 512)),
+    "lraspp_large_128x256": ("lraspp_mobilenetv3_large", (128, 256)),
+    "lraspp_large_256x512": ("lraspp_mobilenetv3_large", (256, 512)),
+    "ddrnet23_slim_128x256": ("ddrnet23_slim", (128, 256)),
+    "ddrnet23_slim_256x512": ("ddrnet23_slim", (256, 512)),
 }
 # About 4 minutes on 2 cores; unet_small is d5_f8_silu_128x256.
 DEFAULT_CANDIDATES = [
@@ -61,7 +73,10 @@ DEFAULT_CANDIDATES = [
 def build_candidate(kwargs, size, policy, jit_compile):
     keras.mixed_precision.set_dtype_policy(policy)
     try:
-        model = build_unet(NUM_CLASSES, (*size, 3), batch_norm=True, upsampling="transpose", **kwargs)
+        if isinstance(kwargs, str):  # a preset's model, from random weights
+            model = build_model(kwargs, NUM_CLASSES, input_size=size)
+        else:
+            model = build_unet(NUM_CLASSES, (*size, 3), batch_norm=True, upsampling="transpose", **kwargs)
         model.compile(
             optimizer=keras.optimizers.Adam(1e-3),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -106,7 +121,11 @@ def main():
         f"batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps, jit_compile={args.jit_compile}, "
         f"{os.cpu_count()} CPUs; img/s = median over rounds; 35 min = epochs of 2,975 images in 35 minutes"
     )
-    print(f"{'candidate':<28} {'policy':<15} {'params':>10} {'img/s':>7} {'ratio':>6} {'35 min':>7}")
+    gmacs = {}  # of the float32 graph: the count does not depend on the policy
+    for name in args.candidates:
+        kwargs, size = CANDIDATES[name]
+        gmacs[name] = multiply_accumulates(build_candidate(kwargs, size, "float32", False), size) / 1e9
+    print(f"{'candidate':<28} {'policy':<15} {'params':>10} {'GMAC':>6} {'img/s':>7} {'ratio':>6} {'35 min':>7}")
     for policy in args.policies:
         reference = None
         for name in args.candidates:
@@ -115,7 +134,8 @@ def main():
             reference = reference or rate
             epochs = rate * 35 * 60 / 2975
             params = model.count_params()
-            print(f"{name:<28} {policy:<15} {params:>10,} {rate:>7.1f} {rate / reference:>6.2f} {epochs:>7.1f}")
+            print(f"{name:<28} {policy:<15} {params:>10,} {gmacs[name]:>6.2f} {rate:>7.1f} {rate / reference:>6.2f} "
+                  f"{epochs:>7.1f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import keras
 from keras import layers
 
 from keras_seg.models.encoders import build_encoder
+from keras_seg.models.layers import UpSample2D
 from keras_seg.models.unet import check_input_size, conv_bn_activation
 
 DECODER_FILTERS = (256, 128, 64, 32, 16)
@@ -60,7 +61,7 @@ def build_encoder_unet(
     x = features[32]
     for index, (stride, filters) in enumerate(zip((16, 8, 4, 2, 1), decoder_filters), start=1):
         block = f"decoder_block{index}"
-        x = layers.UpSampling2D(2, interpolation="nearest", name=f"{block}_up")(x)
+        x = UpSample2D(2, interpolation="nearest", name=f"{block}_up")(x)
         skip = features.get(stride)
         if skip is not None:
             x = layers.Concatenate(name=f"{block}_concat")([x, skip])

@@ -47,6 +47,8 @@ class EncoderSpec:
     imagenet_url: str
     imagenet_hash: str
     dilatable: bool = False   # the last stage can be rebuilt dilated (output stride 16)
+    # Output stride 16 on request only (MobileNetV3, for LR-ASPP); DeepLabV3+ keeps it at 32 by default.
+    dilatable_on_request: bool = False
 
 
 ENCODERS = {
@@ -83,7 +85,13 @@ ENCODERS = {
         "MobileNetV3Large", "0-255",
         {2: -174, 4: -156, 8: -111, 16: -46, 32: -1},
         "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", WEIGHTS_URL + "mobilenet_v3/",
-        "07fb09a5933dd0c8eaafa16978110389"),
+        "07fb09a5933dd0c8eaafa16978110389", dilatable_on_request=True),
+    # As the Large: the stem's activation, the expansions before the strided depthwise convolutions.
+    "mobilenetv3small": EncoderSpec(
+        "MobileNetV3Small", "0-255",
+        {2: -153, 4: -138, 8: -120, 16: -46, 32: -1},
+        "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5", WEIGHTS_URL + "mobilenet_v3/",
+        "d3e8ec802a04aa4fc771ee12a9a9b836", dilatable_on_request=True),
     # The stages' last blocks; the stem has stride 4. (The application's final LayerNormalization,
     # after stage 3, is left out: decoders normalise on their own.)
     "convnext_tiny": EncoderSpec(
@@ -202,9 +210,9 @@ def build_encoder(encoder: str, images, weights=None, output_stride: int = 32, b
     spec = get_encoder(encoder)
     if output_stride not in (16, 32):
         raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
-    if output_stride == 16 and not spec.dilatable:
+    if output_stride == 16 and not (spec.dilatable or spec.dilatable_on_request):
         raise ValueError(f"encoder {encoder}: output stride 16 needs a dilatable encoder "
-                         f"({', '.join(k for k, s in ENCODERS.items() if s.dilatable)})")
+                         f"({', '.join(k for k, s in ENCODERS.items() if s.dilatable or s.dilatable_on_request)})")
     if images.shape[-1] != 3:
         raise ValueError(f"encoder {encoder}: ImageNet encoders take 3-channel images, got {images.shape[-1]}")
     path = resolve_weights(encoder, weights)
@@ -234,22 +242,34 @@ def _dilated_last_stage(application, stride16_layer):
 
     Each layer is re-created from its own config (strides 2 -> 1; kernels larger than 1x1 dilated
     by 2) under the same name, wired as in the application, and given the application's weights:
-    at even positions its output equals the undilated stage's (tests/test_encoders.py).
+    at even positions its output equals the undilated stage's (tests/test_encoders.py). An explicit
+    ZeroPadding2D before a strided "valid" convolution (MobileNetV3) is dropped and the convolution
+    pads "same"; weightless operations that are not layers (MobileNetV3's hard sigmoid) are re-applied.
     """
-    start = application.get_layer(stride16_layer)
-    after = application.layers[application.layers.index(start) + 1:]
+    start = (application.layers[stride16_layer] if isinstance(stride16_layer, int)
+             else application.get_layer(stride16_layer))
+    operations = application.operations
+    after = operations[operations.index(start) + 1:]
     rebuilt = {id(start.output): start.output}
     output = start.output
-    for layer in after:
-        config = layer.get_config()
-        if isinstance(layer, layers.Conv2D):
-            if tuple(config["strides"]) != (1, 1):
-                config["strides"] = (1, 1)
-            if max(config["kernel_size"]) > 1:
-                config["dilation_rate"] = (2, 2)
-        clone = layer.__class__.from_config(config)
-        inputs = keras.tree.map_structure(lambda tensor: rebuilt[id(tensor)], layer.input)
-        output = clone(inputs)
-        clone.set_weights(layer.get_weights())
-        rebuilt[id(layer.output)] = output
+    for operation in after:
+        node = operation._inbound_nodes[0]
+        args, kwargs = node.arguments.fill_in(rebuilt)
+        if isinstance(operation, layers.ZeroPadding2D):
+            output = args[0]
+        elif not isinstance(operation, layers.Layer):
+            output = operation(*args, **kwargs)
+        else:
+            config = operation.get_config()
+            if isinstance(operation, (layers.Conv2D, layers.DepthwiseConv2D)):
+                if tuple(config["strides"]) != (1, 1):
+                    config["strides"] = (1, 1)
+                if max(config["kernel_size"]) > 1:
+                    config["dilation_rate"] = (2, 2)
+                    config["padding"] = "same"
+            clone = operation.__class__.from_config(config)
+            output = clone(*args, **kwargs)
+            clone.set_weights(operation.get_weights())
+        for original, new in zip(keras.tree.flatten(node.output_tensors), keras.tree.flatten(output)):
+            rebuilt[id(original)] = new
     return output

@@ -16,6 +16,7 @@ import keras
 from keras import layers
 
 from keras_seg.models.encoders import get_encoder, load_encoder_weights, resolve_weights
+from keras_seg.models.layers import UpSample2D
 from keras_seg.models.preprocessing import CaffePreprocessing
 from keras_seg.models.unet import check_input_size
 
@@ -90,7 +91,9 @@ def build_fcn(
     path = resolve_weights(backbone, encoder_weights)
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    encoder_input = CaffePreprocessing(name="caffe_preprocessing")(inputs) if preprocessing == "caffe" else inputs
+    # In float32 whatever the policy: in bfloat16, 0-255 minus the means would be off by up to 0.5.
+    encoder_input = (CaffePreprocessing(name="caffe_preprocessing", dtype="float32")(inputs)
+                     if preprocessing == "caffe" else inputs)
     encoder = getattr(keras.applications, get_encoder(backbone).application)(
         include_top=False, weights=None, input_tensor=encoder_input)
     if path is not None:
@@ -107,16 +110,16 @@ def build_fcn(
     # The score path runs in float32: logits, and the sums that make them, stay float32 under mixed precision.
     score = layers.Conv2D(num_classes, 1, dtype="float32", name="score_fc7")(x)
     if head in ("16s", "8s"):
-        score = layers.UpSampling2D(2, interpolation="bilinear", dtype="float32", name="score_fc7_up")(score)
+        score = UpSample2D(2, interpolation="bilinear", dtype="float32", name="score_fc7_up")(score)
         pool4 = layers.Conv2D(num_classes, 1, dtype="float32", name="score_pool4")(stride16)
         score = layers.Add(dtype="float32", name="fuse_pool4")([score, pool4])
     if head == "8s":
-        score = layers.UpSampling2D(2, interpolation="bilinear", dtype="float32", name="fuse_pool4_up")(score)
+        score = UpSample2D(2, interpolation="bilinear", dtype="float32", name="fuse_pool4_up")(score)
         pool3 = layers.Conv2D(num_classes, 1, dtype="float32", name="score_pool3")(stride8)
         score = layers.Add(dtype="float32", name="fuse_pool3")([score, pool3])
 
     stride = {"32s": 32, "16s": 16, "8s": 8}[head]
-    logits = layers.UpSampling2D(stride, interpolation="bilinear", dtype="float32", name="logits")(score)
+    logits = UpSample2D(stride, interpolation="bilinear", dtype="float32", name="logits")(score)
     model = keras.Model(inputs, logits, name=name or f"fcn{head}_{backbone}")
     model.encoder_layer_names = tuple(layer.name for layer in encoder.layers
                                       if not isinstance(layer, (keras.layers.InputLayer, CaffePreprocessing)))

@@ -23,14 +23,18 @@ from __future__ import annotations
 import copy
 import inspect
 
-from keras_seg.recipes import SGD_POLY
-
+from keras_seg.models.ddrnet import build_ddrnet
 from keras_seg.models.deeplab import build_deeplabv3plus
 from keras_seg.models.encoder_unet import build_encoder_unet
 from keras_seg.models.fcn import build_fcn
+from keras_seg.models.lraspp import build_lraspp
 from keras_seg.models.unet import build_unet
+from keras_seg.recipes import DDRNET_CITYSCAPES, LRASPP_CITYSCAPES, SGD_POLY
 
-ARCHITECTURES = {"unet": build_unet, "fcn": build_fcn, "deeplabv3plus": build_deeplabv3plus}
+ARCHITECTURES = {"unet": build_unet, "fcn": build_fcn, "deeplabv3plus": build_deeplabv3plus, "lraspp": build_lraspp,
+                 "ddrnet": build_ddrnet}
+# Architectures whose builder takes `with_aux` (an auxiliary head for training, weight `aux_weight`).
+AUX_ARCHITECTURES = ("deeplabv3plus", "ddrnet")
 ENCODER_ARCHITECTURES = ("unet", "fcn", "deeplabv3plus")  # "unet" when it has an "encoder"
 
 # The built-in demo (no --data) must end in minutes on any machine: a 6-minute time budget from
@@ -46,6 +50,16 @@ UNET_DEMO = {"model": {"base_filters": 16}, "image_size": (64, 128), "time_budge
 ENCODER_DEMO = {"encoder_weights": None, "image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16,
                 "optimizer": "adamw", "learning_rate": 1e-3, "schedule": "cosine", "warmup_epochs": 0.5,
                 "scale_lr_to_batch": 0, "weight_decay": 1e-4, "clipnorm": 1.0, "patience": 0, "cache": "memory"}
+
+# unet_small's training on a CPU: a 35-minute time budget the trainer sizes to the machine at hand
+# (docs/training.md). Chosen on the 2,975 Cityscapes pairs on 2 CPU cores: CE + Dice with ENet class
+# weights brings the rare classes in; a short schedule learns faster with mild augmentation (scale
+# 0.9-1.25, no rotation). Linear-to-zero: the best mean of linear, cosine and poly at a 10-minute
+# budget, two seeds each, though within the seeds' spread (docs/performance.md). The real-time
+# models' CPU presets train the same way, for a side-by-side comparison (docs/models.md).
+CPU_BUDGET = {"time_budget": 35, "schedule": "linear", "batch_size": 8, "learning_rate": 2e-3,
+              "warmup_epochs": 0.5, "loss": "ce+dice", "class_weights": "enet", "cache": "memory", "patience": 0,
+              "augment": {"scale_range": (0.9, 1.25), "rotation_prob": 0.0}}
 
 PRESETS = {
     "unet_silu": {
@@ -93,16 +107,7 @@ PRESETS = {
             "stem_stride": 2,
         },
         "input_size": (128, 256),
-        # A 35-minute time budget: the trainer measures the step on the machine at hand and sizes the
-        # run and its schedule to it (docs/training.md). Chosen on the 2,975 Cityscapes pairs on 2 CPU
-        # cores: CE + Dice with ENet class weights brings the rare classes in; a short schedule
-        # learns faster with mild augmentation (scale 0.9-1.25, no rotation). Linear-to-zero: the
-        # best mean of linear, cosine and poly at a 10-minute budget, two seeds each, though within
-        # the seeds' spread (docs/performance.md).
-        "train": {"time_budget": 35, "schedule": "linear", "batch_size": 8, "learning_rate": 2e-3,
-                  "warmup_epochs": 0.5, "loss": "ce+dice",
-                  "class_weights": "enet", "cache": "memory", "patience": 0,
-                  "augment": {"scale_range": (0.9, 1.25), "rotation_prob": 0.0}},
+        "train": CPU_BUDGET,
         "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0},
     },
     "fcn8s": {
@@ -127,9 +132,11 @@ PRESETS = {
     # default: downloaded once into $KERAS_HOME/models, or --encoder-weights PATH / none. Their
     # demo (no --data) starts from random weights: nothing downloads for it.
     "deeplabv3plus_resnet50": {
-        "description": "DeepLabV3+ over ResNet-50 at output stride 16 (dilated conv5), ASPP 6/12/18, auxiliary FCN "
-                       "head (loss weight 0.4); MMSegmentation's Cityscapes schedule (--recipe cityscapes_fullres)",
-        "model": {"architecture": "deeplabv3plus", "encoder": "resnet50", "output_stride": 16, "aux_weight": 0.4},
+        "description": "DeepLabV3+ over ResNet-50 at output stride 16 (dilated conv5), SMP's separable ASPP 6/12/18 "
+                       "and decoder, auxiliary FCN head (loss weight 0.4); MMSegmentation's Cityscapes schedule "
+                       "(--recipe cityscapes_fullres)",
+        "model": {"architecture": "deeplabv3plus", "encoder": "resnet50", "output_stride": 16, "separable": True,
+                  "aux_weight": 0.4},
         "input_size": (512, 1024),
         "train": {**SGD_POLY, "encoder_weights": "imagenet", "iters": 80000, "val_every": 8000, "batch_size": 2,
                   "val_batch_size": 1},
@@ -154,17 +161,63 @@ PRESETS = {
                   "loss": "ce"},
         "demo": ENCODER_DEMO,
     },
+    # Real-time models (issue 22; docs/models.md). Their "train" entries are for a GPU at full
+    # resolution (MMSegmentation's configs, also as --recipe lraspp_cityscapes / ddrnet_cityscapes);
+    # the CPU-budget entry (--time-budget) is to be chosen by the 35-minute runs still to be made.
+    "lraspp_mobilenetv3_large": {
+        "description": "LR-ASPP over MobileNetV3-Large, dilated last stage (output stride 16): 3.2M parameters",
+        # Momentum 0.99 for the encoder's batch norms, as unet_mobilenetv3, for runs from random weights.
+        "model": {"architecture": "lraspp", "encoder": "mobilenetv3large", "encoder_bn_momentum": 0.99},
+        "input_size": (512, 1024),
+        "train": {**LRASPP_CITYSCAPES, "encoder_weights": None},
+        "demo": ENCODER_DEMO,
+    },
+    "lraspp_mobilenetv3_small": {
+        "description": "LR-ASPP over MobileNetV3-Small, dilated last stage (output stride 16): 1.1M parameters",
+        "model": {"architecture": "lraspp", "encoder": "mobilenetv3small", "encoder_bn_momentum": 0.99},
+        "input_size": (512, 1024),
+        "train": {**LRASPP_CITYSCAPES, "encoder_weights": None},
+        "demo": ENCODER_DEMO,
+    },
+    "ddrnet23_slim": {
+        "description": "DDRNet-23-slim from scratch: dual-resolution branches, DAPPM, auxiliary head (loss weight "
+                       "0.4): 5.7M parameters",
+        "model": {"architecture": "ddrnet", "aux_weight": 0.4},
+        "input_size": (1024, 1024),
+        "train": DDRNET_CITYSCAPES,
+        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0,
+                 "cache": "memory"},
+    },
+    # The real-time models on a CPU budget: unet_small's training (CPU_BUDGET) at 256x512, where their
+    # stride-8 outputs are 32x64 (at 128x256, DDRNet's low-resolution branch would be 2x4 pixels).
+    "ddrnet23_slim_cpu": {
+        "description": "DDRNet-23-slim from scratch on a 35-minute CPU budget at 256x512 (auxiliary head 0.4)",
+        "model": {"architecture": "ddrnet", "aux_weight": 0.4},
+        "input_size": (256, 512),
+        "train": CPU_BUDGET,
+        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0},
+    },
+    "lraspp_mobilenetv3_small_cpu": {
+        "description": "LR-ASPP over MobileNetV3-Small from scratch on a 35-minute CPU budget at 256x512",
+        "model": {"architecture": "lraspp", "encoder": "mobilenetv3small", "encoder_bn_momentum": 0.99},
+        "input_size": (256, 512),
+        "train": {**CPU_BUDGET, "encoder_weights": None},
+        "demo": {**ENCODER_DEMO, "time_budget": DEMO_BUDGET},
+    },
 }
 
 def recorded_model_config(model: dict) -> dict:
     """A model config as a run recorded it, for rebuilding that run's model.
 
     FCN runs recorded before the `preprocessing` argument existed fed the encoder [0, 1] RGB
-    images: they are rebuilt so ("none"), not with today's default ("caffe").
+    images: they are rebuilt so ("none"), not with today's default ("caffe"). DeepLabV3+ runs
+    recorded before the `separable` argument existed had the plain head (`separable=False`).
     """
     model = dict(model)
     if model.get("architecture") == "fcn":
         model.setdefault("preprocessing", "none")
+    if model.get("architecture") == "deeplabv3plus":
+        model.setdefault("separable", False)
     return model
 
 
@@ -224,7 +277,7 @@ def build_model(preset, num_classes: int, input_size=None, channels: int = 3, en
                              "encoder has none to load (use a preset with an ImageNet encoder)")
     if has_encoder:
         model_args["encoder_weights"] = encoder_weights
-    if architecture == "deeplabv3plus":
+    if architecture in AUX_ARCHITECTURES:
         model_args["with_aux"] = with_aux
     if isinstance(preset, str):
         model_args.setdefault("name", preset)
@@ -256,4 +309,4 @@ def encoder_of(model_config: dict):
 
 def aux_weight_of(model_config: dict) -> float:
     """The auxiliary head's loss weight (0: none)."""
-    return float(model_config.get("aux_weight", 0.0)) if model_config.get("architecture") == "deeplabv3plus" else 0.0
+    return float(model_config.get("aux_weight", 0.0)) if model_config.get("architecture") in AUX_ARCHITECTURES else 0.0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from keras_seg.models.layers import UpSample2D
+
 ACTIVATIONS = ("relu", "silu")
 UPSAMPLING = ("transpose", "bilinear")
 
@@ -128,7 +130,7 @@ def build_unet(
         if upsampling == "transpose":
             x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"{prefix}_transpose")(x)
         else:
-            x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{prefix}_bilinear")(x)
+            x = UpSample2D(2, interpolation="bilinear", name=f"{prefix}_bilinear")(x)
             x = layers.Conv2D(filters, 1, name=f"{prefix}_project")(x)
         x = layers.Concatenate(name=f"{prefix}_concat")([skips[level], x])
         x = conv_block(x, filters, activation, batch_norm, name=prefix)
@@ -136,5 +138,5 @@ def build_unet(
     # float32 whatever the policy: keeps softmax/loss stable under mixed_float16, and exports float32.
     logits = layers.Conv2D(num_classes, 1, dtype="float32", name="logits")(x)
     if stem_stride > 1:
-        logits = layers.UpSampling2D(stem_stride, interpolation="bilinear", dtype="float32", name="logits_up")(logits)
+        logits = UpSample2D(stem_stride, interpolation="bilinear", dtype="float32", name="logits_up")(logits)
     return keras.Model(inputs, logits, name=name)

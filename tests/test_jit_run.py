@@ -1,0 +1,23 @@
+"""A trainer run with --jit (issue 20, item 14): XLA compiles the replica step, and 3 SGD steps reach
+the weights of the same run without it."""
+
+import numpy as np
+
+from keras_seg.trainer import Trainer
+from test_train import make_config, tiny_data  # noqa: F401 (fixture)
+
+
+def test_a_jit_run_reaches_the_weights_of_the_run_without_xla(tiny_data, tmp_path):  # noqa: F811
+    weights, lines = {}, []
+    for jit in ("--no-jit", "--jit"):
+        config = make_config(tiny_data, tmp_path / jit, "--iters", "3", "--no-augment", "--optimizer", "sgd",
+                             "--learning-rate", "0.05", "--warmup-iters", "0", jit, "--no-export")
+        trainer = Trainer(config, log=lines.append)
+        trainer.run()
+        weights[jit] = trainer.model.get_weights()
+    assert not any("XLA is off" in line for line in lines)
+    for a, b in zip(weights["--no-jit"], weights["--jit"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    initial = Trainer(config, log=lines.append)
+    initial._build()  # the same seed's initial weights: the runs moved away from them
+    assert max(np.abs(w - w0).max() for w, w0 in zip(weights["--jit"], initial.model.get_weights())) > 1e-3
