@@ -206,6 +206,7 @@ PRESETS = {
     },
 }
 
+
 def recorded_model_config(model: dict) -> dict:
     """A model config as a run recorded it, for rebuilding that run's model.
 
