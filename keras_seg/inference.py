@@ -404,14 +404,7 @@ def load_segmenter(path, mode=None, tile=None, overlap=None) -> Segmenter:
     version_dir = saved_model_version_dir(path)
     if version_dir is not None:
         loaded, info = load_saved_model(version_dir)
-        recorded = contracts.InferenceContract.from_dict(info["inference"], f"{version_dir}: inference")
-        try:
-            wanted = contracts.override(recorded, mode, tile, overlap)
-        except contracts.ContractError as err:
-            raise InferenceError(f"{version_dir}: {err}") from err
-        if wanted.input_size != recorded.input_size:
-            raise InferenceError(f"{version_dir}: the exported model takes {recorded.input_size[0]}x"
-                                 f"{recorded.input_size[1]} inputs only; use the run directory for other windows")
+        recorded, wanted = exported_contracts(info, version_dir, mode, tile, overlap)
         bare = loaded.signatures[MODEL_SIGNATURE]
         contract_function = None  # a changed contract: the Segmenter runs it around the bare model
         if wanted == recorded:
@@ -423,6 +416,22 @@ def load_segmenter(path, mode=None, tile=None, overlap=None) -> Segmenter:
                          lambda images: bare(images=images)["probabilities"], owner=loaded)
     raise InferenceError(f"{path}: neither a run directory (config.json, best.keras) nor a SavedModel "
                          "(saved_model.pb, or numbered version folders holding one)")
+
+
+def exported_contracts(info: dict, source, mode=None, tile=None, overlap=None):
+    """An export's recorded contract and the one asked for (`contracts.override`), as (recorded, wanted).
+
+    An export runs at its recorded input size only: a wanted contract with other windows is refused.
+    """
+    recorded = contracts.InferenceContract.from_dict(info["inference"], f"{source}: inference")
+    try:
+        wanted = contracts.override(recorded, mode, tile, overlap)
+    except contracts.ContractError as err:
+        raise InferenceError(f"{source}: {err}") from err
+    if wanted.input_size != recorded.input_size:
+        raise InferenceError(f"{source}: the exported model takes {recorded.input_size[0]}x"
+                             f"{recorded.input_size[1]} inputs only; use the run directory for other windows")
+    return recorded, wanted
 
 
 def segmenter_from_model(model, info, source="<model>") -> Segmenter:

@@ -185,19 +185,11 @@ def artifact_segmenter(path, mode=None, tile=None, overlap=None, threads=None, o
     """
     import tensorflow as tf
 
-    from keras_seg import contract as contracts
-    from keras_seg.inference import Segmenter
+    from keras_seg.inference import Segmenter, exported_contracts
 
     path = os.fspath(path)
     info = read_artifact_info(path)
-    recorded = contracts.InferenceContract.from_dict(info["inference"], f"{path}: inference")
-    try:
-        wanted = contracts.override(recorded, mode, tile, overlap)
-    except contracts.ContractError as err:
-        raise InferenceError(f"{path}: {err}") from err
-    if wanted.input_size != recorded.input_size:
-        raise InferenceError(f"{path}: the exported model takes {recorded.input_size[0]}x{recorded.input_size[1]} "
-                             "inputs only; use the run directory for other windows")
+    recorded, wanted = exported_contracts(info, path, mode, tile, overlap)
     runtime = load_runtime(path, threads, openvino_precision)
     height, width = recorded.input_size
     num_classes = int(info["num_classes"])

@@ -100,6 +100,7 @@ def test_sliding_windows_at_original_resolution_count_every_pixel(setup, tmp_pat
     assert np.abs(got - expected).sum() <= 0.002 * expected.sum()
 
 
+@pytest.mark.slow  # 6 s on CPU-E (3 scales x flip); tests/test_tta_scales.py's TTA tests stay
 def test_tta_averages_every_scale_and_flip(setup, tmp_path, capsys):
     scales = (0.5, 1.0, 1.75)
     run_evaluate(capsys, "--model", setup["run"], "--data", setup["data"], "--output", str(tmp_path), "--tta",

@@ -95,6 +95,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # 5 s on CPU-E (a subprocess); test_predict's serving test stays
 def test_tf_serving_request_in_a_process_without_keras_seg(exported, photos, tmp_path):
     run, model_dir = exported
     request = {"instances": [{"b64": base64.b64encode(photos[kind]).decode("ascii")} for kind in ("jpeg", "png")]}

@@ -2,11 +2,13 @@
 the weights of the same run without it."""
 
 import numpy as np
+import pytest
 
 from keras_seg.trainer import Trainer
 from test_train import make_config, tiny_data  # noqa: F401 (fixture)
 
 
+@pytest.mark.slow  # 17 s on CPU-E (a trainer run); tests/test_augment.py::test_runs_under_xla stays
 def test_a_jit_run_reaches_the_weights_of_the_run_without_xla(tiny_data, tmp_path):  # noqa: F811
     weights, lines = {}, []
     for jit in ("--no-jit", "--jit"):

@@ -183,6 +183,7 @@ def test_a_cache_left_locked_by_sigkill_is_reclaimed(pass_data, tmp_path):
     lock.close()
 
 
+@pytest.mark.slow  # 9 s on CPU-E (a trainer run); tests/test_accumulate.py's step test stays
 def test_accumulating_two_batches_equals_one_batch_of_twice_the_size(tiny_data, tmp_path):  # noqa: F811
     """No batch norm (its statistics would differ by design); SGD, so the gradient scale matters."""
     weights = {}
@@ -248,6 +249,7 @@ def test_time_budget_ends_on_time_through_a_slowdown(tiny_data, tmp_path):  # no
     assert (run / "saved_model" / "run" / "1" / "saved_model.pb").is_file()
 
 
+@pytest.mark.slow  # 23 s on CPU-E (a trainer run)
 def test_the_training_iterator_outlives_its_run_until_the_next(tiny_data, pass_data, tmp_path):  # noqa: F811
     """Deleting it can wait up to a minute for tf.data's autotuning thread: a run keeps it past its
     end (the command line then exits without deleting it), and the next run in the process drops it;
@@ -372,6 +374,7 @@ def test_json_the_tool_writes_is_valid_json(tmp_path):
                                                                 "nested": {"x": None}}
 
 
+@pytest.mark.slow  # 14 s on CPU-E (a trainer run)
 def test_a_new_length_on_resume_refits_the_schedule(tiny_data, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     config = make_config(tiny_data, run, "--iters", "6", "--val-every", "3", "--schedule", "linear",

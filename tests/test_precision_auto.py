@@ -116,6 +116,7 @@ def test_several_workers_and_a_resume_do_not_measure(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.slow  # 17 s on CPU-E (a trainer run); the mocked branches stay
 def test_a_real_start_up_measurement_picks_the_faster_and_records_both(monkeypatch, tiny_data, tmp_path):  # noqa: F811
     """On a CPU said to have AVX512-BF16 without AMX, a 2-step run times its own step in both precisions,
     trains in the faster and records both timings and the choice in config.json and its log."""

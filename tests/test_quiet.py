@@ -40,6 +40,7 @@ def demo_data(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow  # 25 s on CPU-E (train + evaluate subprocesses); test_real_warnings_and_errors_still_show stays
 def test_train_and_evaluate_start_quietly(demo_data, tmp_path):
     run = str(tmp_path / "run")
     trained = subprocess.run(

@@ -40,6 +40,7 @@ sys.exit(command(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # 25 s on CPU-E (a trainer run)
 def test_resume_with_fewer_replicas_is_refused_in_one_line(tiny_data, tmp_path):  # noqa: F811
     """Trained mirrored over every device of a 2-device machine (8 examples a step); resumed where the
     CPU is one device: one replica would read the stream at 4 a step and the run would go on silently."""
@@ -67,6 +68,7 @@ def fake_turing_gpu(monkeypatch):
     monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda _: {"compute_capability": (7, 5)})
 
 
+@pytest.mark.slow  # 23 s on CPU-E (a trainer run)
 def test_mixed_float16_run_resumed_elsewhere_refuses_auto_and_continues_with_its_precision(
         tiny_data, tmp_path, monkeypatch):  # noqa: F811
     """A mixed_float16 run (auto on a T4) stopped at step 2 of 4, resumed on a CPU where auto is
@@ -104,6 +106,7 @@ def test_mixed_float16_run_resumed_elsewhere_refuses_auto_and_continues_with_its
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 14 s on CPU-E (a trainer run)
 def test_a_checkpoint_of_another_model_is_refused_not_partly_restored(tiny_data, tmp_path):  # noqa: F811
     """The run's checkpoints replaced by those of a deeper model: the restore names the checkpoint in
     one line (expect_partial() restored what matched and went on silently)."""

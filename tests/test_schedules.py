@@ -144,6 +144,7 @@ def test_a_warmup_longer_than_the_planned_run_is_capped_at_half_of_it():
     assert s.warmup_steps == 20
 
 
+@pytest.mark.slow  # 19 s on CPU-E (a trainer run); the planner's cap stays above
 def test_a_budget_run_shorter_than_its_warmup_ends_at_the_schedules_end_value(tiny_data, tmp_path):  # noqa: F811
     """A 20-second budget and a 100,000-step warm-up: the run logs the cap and its last step's rate is
     the linear schedule's end value, 0 (it ended still rising before)."""

@@ -7,6 +7,7 @@ so wd * w joins the clipped gradient.
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from test_finetune import initial_model, make_config, run
@@ -80,6 +81,7 @@ def test_recipe_photometric_is_mmsegmentations():
     np.testing.assert_allclose(out.numpy(), np.clip(image * 1.5, 0.0, 1.0), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # 12 s on CPU-E (a trainer run); the optimizer-level tests stay
 def test_trainer_step_adds_l2_to_every_gradient(tiny_data, tmp_path):  # noqa: F811
     """One SGD step of the trainer with and without L2 from the same weights and batch differ by -lr * wd * w0
     in every trainable variable (biases and batch-norm parameters included), as torch's first step does."""

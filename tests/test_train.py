@@ -168,6 +168,7 @@ def test_mirrored_replicas_train_the_one_device_model(ignore_data, tmp_path, rep
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # 12 s on CPU-E (a trainer run)
 def test_crop_trained_run_validates_as_evaluate_and_an_independent_computation(tmp_path, capsys):
     """A scale_crop run (64x128 crops of 96x192 images): its last validation, `evaluate`'s default on the
     same weights, and a numpy computation of the contract (sliding windows over the whole image at its

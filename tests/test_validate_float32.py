@@ -17,6 +17,7 @@ def float32_after():
     keras.mixed_precision.set_dtype_policy("float32")
 
 
+@pytest.mark.slow  # 8 s on CPU-E (a trainer run)
 def test_a_mixed_bfloat16_run_validates_what_evaluate_scores(tiny_data, tmp_path):  # noqa: F811
     """6 bfloat16 steps from scratch (its softmax has near-ties: bfloat16's 8-bit mantissa moves some
     argmaxes); the last validation's mIoU equals evaluate's of last.keras (float32) to 1e-6."""
