@@ -28,6 +28,7 @@ not numbers) and renamed when complete, so a server watching DIR/NAME never load
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -275,9 +276,14 @@ def export_artifact(run_dir, output_dir, fmt, quantize="none", calibration_image
         raise ExportError(f"{path} exists: choose another --output or --overwrite")
     model, info = inference.load_run_model(run_dir)
     contract = InferenceContract.from_dict(info["inference"])
-    if getattr(contract, "size_divisor", None):
-        raise ExportError(f"{run_dir}: its contract runs the model at each image's own size; deployment artifacts "
-                          "take one fixed size: export --format saved_model")
+    if contract.size_divisor:
+        # The run pads each whole image only to a multiple of the model's stride; an artifact has one fixed
+        # input, so its contract pads up to that input (a stretched image fills it exactly).
+        log(f"{run_dir}: the artifact takes {contract.input_size[0]}x{contract.input_size[1]} inputs only: whole "
+            f"images smaller than that (lower TTA scales, keep_ratio) are padded up to it, not to a multiple of "
+            f"{contract.size_divisor}")
+        contract = dataclasses.replace(contract, size_divisor=None)
+        info = dict(info, inference=contract.to_dict())
     import keras
     import numpy as np
 

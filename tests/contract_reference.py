@@ -22,13 +22,16 @@ def keras_probabilities(model):
     return lambda x: tf.nn.softmax(model(np.asarray(x, np.float32), training=False)).numpy()
 
 
-def reference_probabilities(image, model_fn, resize, scale, window, overlap=1 / 3, flip=False, scales=(1.0,)):
+def reference_probabilities(image, model_fn, resize, scale, window, overlap=1 / 3, flip=False, scales=(1.0,),
+                            size_divisor=None):
     """An independent numpy/TF-op rendering of the inference contract (docs/evaluation.md) for one image.
 
     For each ratio: rescale (stretch to scale x r, keep the ratio within scale x r, or r x the image's
     own size), run windows of `window` (bottom/right padded with black) stepping by window x (1 - overlap),
     the last at the edge, average overlaps; average with the mirror image flipped back; resize the
-    softmax back to the image's size (bilinear); average over the ratios.
+    softmax back to the image's size (bilinear); average over the ratios. With `size_divisor` (a "whole"
+    contract that records one), each ratio's image is one window of its own size rounded up to a multiple
+    of it, instead of `window`.
     """
     height, width = image.shape[:2]
     total = np.zeros((height, width, 0))
@@ -51,7 +54,8 @@ def reference_probabilities(image, model_fn, resize, scale, window, overlap=1 / 
         views = [x, x[:, ::-1]] if flip else [x]
         averaged = 0
         for k, view in enumerate(views):
-            p = numpy_slide(view, model_fn, window, overlap, centre=resize == "fit")
+            own = [-(-side // size_divisor) * size_divisor for side in view.shape[:2]] if size_divisor else window
+            p = numpy_slide(view, model_fn, own, overlap, centre=resize == "fit")
             averaged = averaged + (p[:, ::-1] if k else p)
         averaged = averaged / len(views)
         if averaged.shape[:2] != (height, width):

@@ -148,6 +148,11 @@ def test_onnx_export_matches_keras_and_says_its_input(tmp_path):
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-4
     labels = json.loads((tmp_path / "onnx" / "labels.json").read_text())
     assert labels["artifact"]["input"]["shape"] == [1, *INPUT_SIZE, 3] and MODEL["architecture"] == "unet"
+    # The run records a whole contract padded to a multiple of its stride, as training does; the artifact's
+    # one input size takes whole images padded up to it instead.
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["inference"]
+    assert recorded["size_divisor"] == 8
+    assert labels["inference"] == {key: value for key, value in recorded.items() if key != "size_divisor"}
 
 
 def test_missing_runtime_is_one_line_naming_the_pip_install(tmp_path, monkeypatch, capsys):

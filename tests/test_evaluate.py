@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras_seg import contract as contracts
 from keras_seg import demo, evaluate, export, tfrecord
 from keras_seg.labels import cityscapes_label_space
+from keras_seg.inference import load_run_model
 from contract_reference import keras_probabilities, numpy_confusion, reference_probabilities
 from tiny_run import INPUT_SIZE, write_run
 
@@ -83,7 +84,8 @@ def test_sliding_windows_at_original_resolution_count_every_pixel(setup, tmp_pat
     crop_run = tmp_path / "crop_run"
     shutil.copytree(setup["run"], crop_run)
     config = json.loads((crop_run / "config.json").read_text())
-    (crop_run / "config.json").write_text(json.dumps({**config, "resize_mode": "crop"}))
+    crop_contract = contracts.for_training("crop", INPUT_SIZE).to_dict()  # as training records it
+    (crop_run / "config.json").write_text(json.dumps({**config, "resize_mode": "crop", "inference": crop_contract}))
     run_evaluate(capsys, "--model", str(crop_run), "--data", setup["data"], "--output", str(tmp_path / "out"),
                  "--overlap", "0.5", "--flip")
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -107,11 +109,13 @@ def test_tta_averages_every_scale_and_flip(setup, tmp_path, capsys):
                  "--scales", ",".join(map(str, scales)), "--batch-size", "3")
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["flip"] is True and report["scales"] == list(scales) and report["mode"] == "tta"
-    model_fn = keras_probabilities(keras.saving.load_model(os.path.join(setup["run"], "best.keras"), compile=False))
+    # Each ratio at its own size, padded to a multiple of the tiny UNet's stride 2**3 (the run's contract);
+    # through the (None, None)-input copy of the run's model that such a contract runs.
+    model_fn = keras_probabilities(load_run_model(setup["run"])[0])
     examples = val_examples(setup["data"])
     masks = [mask for _, mask in examples]
     predictions = [reference_probabilities(image, model_fn, "stretch", INPUT_SIZE, INPUT_SIZE, flip=True,
-                                           scales=scales).argmax(-1) for image, _ in examples]
+                                           scales=scales, size_divisor=8).argmax(-1) for image, _ in examples]
     expected = numpy_confusion(masks, predictions)
     got = np.array(report["confusion_matrix"])
     assert np.abs(got - expected).sum() <= 0.002 * expected.sum()

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from keras_seg import data, demo, export
+from keras_seg import data, demo, export, inference
 from keras_seg.inference import load_run_model
 from keras_seg.labels import cityscapes_label_space
 from tiny_run import INPUT_SIZE, write_run
@@ -56,9 +56,11 @@ def test_layout_and_labels_asset(exported):
     assert labels["colors"] == [list(c) for c in space.class_colors]
     assert labels["ignore_index"] == 255 and labels["label_space"] == "trainid"
     assert labels["input_size"] == [64, 128] and labels["preset"] == "unet_small" and labels["num_classes"] == 19
-    # a run recorded without a contract, trained by stretching: it keeps stretching
-    assert labels["inference"] == {"resize": "stretch", "scale": [64, 128], "mode": "whole", "input_size": [64, 128],
-                                   "overlap": 1 / 3}
+    # trained by stretching: it keeps stretching, at any multiple of the tiny UNet's stride (2**3)
+    stretch = {"resize": "stretch", "scale": [64, 128], "mode": "whole", "input_size": [64, 128], "overlap": 1 / 3}
+    assert labels["inference"] == {**stretch, "size_divisor": 8}
+    # a run recorded before contracts existed stretches too, padded to its input as it was
+    assert inference.run_contract({"image_size": [64, 128]}).to_dict() == stretch
 
 
 # Runs in a fresh interpreter where importing keras_seg fails: the export must stand on TF alone.
