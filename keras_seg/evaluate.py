@@ -205,9 +205,15 @@ def summary_lines(summary) -> list:
     return lines
 
 
+def is_run(path) -> bool:
+    """A run directory or a `.keras` file in one: the only models evaluate writes beside by default."""
+    path = os.fspath(path)
+    if path.endswith(".keras") and os.path.isfile(path):
+        return True
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def default_output(segmenter, split, mode) -> str:
-    if segmenter.kind != "run":
-        raise EvaluationError("--output DIR is needed with a SavedModel (nothing is written into an export)")
     root = segmenter.source if os.path.isdir(segmenter.source) else os.path.dirname(segmenter.source)
     return os.path.join(root, "evaluation", f"{split}-{mode}")
 
@@ -266,6 +272,10 @@ def main(argv=None) -> int:
     from keras_seg.files import write_json_atomically, write_text_atomically
     from keras_seg.tfrecord import DatasetFormatError, load_dataset_info, validation_split
 
+    if not args.output and os.path.exists(args.model) and not is_run(args.model):
+        # Said before the model loads: an export (SavedModel, .tflite, .onnx, .xml) is never written into.
+        parser.exit(2, f"error: --output DIR is needed with an exported model ({args.model}): evaluate writes "
+                       "beside a run only\n")
     flip = args.flip or args.tta
     scales = (args.scales or contract.TTA_SCALES) if args.tta else (1.0,)
     mode = mode_name(args)

@@ -145,6 +145,19 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
 
 
+def test_an_exported_model_without_output_is_refused_before_it_loads(setup, tmp_path, capsys):
+    # Files that no runtime could load: the refusal must come first, naming --output and the file.
+    for name in ("model.tflite", "model.onnx", "model.xml"):
+        path = tmp_path / name
+        path.write_bytes(b"not a model")
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--no-progress", "--model", str(path), "--data", setup["data"]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: --output DIR is needed"), err
+        assert str(path) in err and not any(p.name != name for p in tmp_path.iterdir()), err
+        path.unlink()
+
+
 def test_a_saved_model_evaluates_like_its_run(setup, tmp_path, capsys):
     saved = export.export_saved_model(setup["run"], setup["root"] / "models", log=lambda _: None)
     run_evaluate(capsys, "--model", setup["run"], "--data", setup["data"], "--output", str(tmp_path / "run"))
