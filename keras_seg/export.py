@@ -135,12 +135,53 @@ def deployment_model(model, input_size):
 
     The division by 255 is inside, so clients feed pixels, and an int8 model's uint8 input maps
     one pixel value to one quantized step. One fixed shape: delegates reject dynamic ones.
+
+    A model whose input goes only to an ImageNet encoder's preprocessing (`ScaleTo255`,
+    `CaffePreprocessing`, which multiply [0, 1] by 255 again) gets the pixels there directly: TFLite's
+    int8 quantizer gives the [0, 1] tensor between the two multiplications the scale of the 0-255
+    product, one step per unit, which turns the image into black and white (LR-ASPP-Small lost a
+    third of its mIoU so; docs/deploy.md).
     """
     import keras
 
+    from keras_seg.models.preprocessing import CaffePreprocessing, ScaleTo255
+
     pixels = keras.Input(shape=(*input_size, 3), batch_size=1, dtype="float32", name="images")
-    logits = model(keras.layers.Rescaling(1.0 / 255.0, name="to_unit_range")(pixels))
+    preprocessing = _only_consumer_of_the_input(model)
+    if isinstance(preprocessing, (ScaleTo255, CaffePreprocessing)):
+        after_preprocessing = keras.Model(preprocessing.output, model.output, name=f"{model.name}_from_pixels")
+        if isinstance(preprocessing, CaffePreprocessing):
+            pixels_in = caffe_from_pixels(pixels)
+        else:
+            pixels_in = pixels  # ScaleTo255's output is the pixels themselves
+        logits = after_preprocessing(pixels_in)
+    else:
+        logits = model(keras.layers.Rescaling(1.0 / 255.0, name="to_unit_range")(pixels))
     return keras.Model(pixels, keras.layers.Identity(name="logits")(logits), name="keras_seg_deploy")
+
+
+def caffe_from_pixels(pixels):
+    """`CaffePreprocessing` on 0-255 RGB, as a 1x1 convolution: the RGB -> BGR permutation as its kernel,
+    minus the ImageNet means as its bias. Not a flip: TFLite's int8 quantizer gives a REVERSE_V2's output
+    another scale than its input, while the op copies the bytes (tests/test_int8_preprocessing.py)."""
+    import keras
+    import numpy as np
+
+    from keras_seg.models.preprocessing import IMAGENET_BGR_MEAN
+
+    layer = keras.layers.Conv2D(3, 1, name="caffe_from_pixels", dtype="float32")
+    outputs = layer(pixels)
+    layer.set_weights([np.eye(3, dtype=np.float32)[::-1].reshape(1, 1, 3, 3),
+                       -np.asarray(IMAGENET_BGR_MEAN, np.float32)])
+    return outputs
+
+
+def _only_consumer_of_the_input(model):
+    """The one layer the model's input feeds, or None (several, or a nested model's input)."""
+    source = model.inputs[0]
+    consumers = {id(layer): layer for layer in model.layers for node in layer._inbound_nodes
+                 if any(tensor is source for tensor in node.input_tensors)}
+    return next(iter(consumers.values())) if len(consumers) == 1 else None
 
 
 def calibration_windows(run_dir, contract, count, data_dir=None, seed=0):
