@@ -12,7 +12,11 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+from keras_seg.quiet import import_tensorflow  # noqa: E402
+
+# TensorFlow's C++ start-up notices are filtered as the commands do: pytest's capture does not hold
+# them back in pytest-xdist's workers, which import this file before they capture.
+tf = import_tensorflow()
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(

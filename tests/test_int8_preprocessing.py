@@ -55,6 +55,8 @@ def int8_logits(deploy, calibration, pixels):
     return np.concatenate(results)
 
 
+# The converter warns of a uint8 input without fixed statistics: the representative data sets them.
+@pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 @pytest.mark.parametrize("preprocessing", [ScaleTo255, CaffePreprocessing])
 def test_int8_keeps_the_pixels_an_encoders_preprocessing_reads(preprocessing):
     rng = np.random.default_rng(0)
