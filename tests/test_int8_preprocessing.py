@@ -76,3 +76,17 @@ def test_caffe_preprocessing_from_pixels_equals_the_layer_on_unit_range():
     from_pixels = keras.Model(images, export.caffe_from_pixels(images))(pixels).numpy()
     np.testing.assert_allclose(from_pixels, CaffePreprocessing()(pixels / 255.0).numpy(), atol=1e-3)
     np.testing.assert_allclose(from_pixels[..., 0], pixels[..., 2] - 103.939, atol=1e-3)  # B first, minus its mean
+
+
+@pytest.mark.parametrize("preset", ["lraspp_mobilenetv3_small", "fcn8s"])
+def test_presets_with_an_encoder_feed_it_pixels_and_keep_their_float_logits(preset):
+    from keras_seg.models.presets import build_model
+
+    model = build_model(preset, 5, input_size=(64, 64))
+    deploy = export.deployment_model(model, (64, 64))
+    # no [0, 1] tensor left for the quantizer: the wrapper divides nothing by 255
+    assert not any(isinstance(layer, keras.layers.Rescaling) and layer.name == "to_unit_range"
+                   for layer in deploy.layers)
+    pixels = np.random.default_rng(2).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    expected = model(pixels / 255.0).numpy()
+    np.testing.assert_allclose(deploy(pixels).numpy(), expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
