@@ -51,10 +51,10 @@ _EXPORTS = {
     "PerClassMetricsLogger": "keras_seg.callbacks",
     # inference, evaluation, export
     "load_segmenter": "keras_seg.inference",
-    "Segmenter": "keras_seg.inference",
+    "Segmenter": "keras_seg.segmenter",
     "InferenceContract": "keras_seg.contract",
     "contract_probabilities": "keras_seg.contract",
-    "InferenceError": "keras_seg.inference",
+    "InferenceError": "keras_seg.segmenter",
     "evaluate_split": "keras_seg.evaluate",
     "export_saved_model": "keras_seg.export",
     # pictures

@@ -1,6 +1,7 @@
 """Inference shared by training's validation, evaluate, predict and export.
 
-A `Segmenter` is a model ready for inference, loaded by `load_segmenter` from either source:
+A `Segmenter` (defined in `keras_seg.segmenter`) is a model ready for inference, loaded by
+`load_segmenter` from a deployment artifact (`keras_seg.runtimes`) or from either source:
 
 * a training run directory (`config.json`, `dataset_info.json`, `best.keras`): the model is
   rebuilt from the config under the float32 policy, at the input size its inference contract
@@ -21,28 +22,32 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
-from typing import Callable
+from dataclasses import replace
 
-import numpy as np
 import tensorflow as tf
 
 from keras_seg import contract as contracts
 from keras_seg.labels import IGNORE_INDEX
 
-LABELS_NAME = "labels.json"  # in the SavedModel's assets/
-EXPORT_FORMAT = "keras_seg.export"
-EXPORT_FORMAT_VERSION = 2  # 2: the inference contract; signatures at the images' own size
+# Defined in keras_seg.segmenter, which keras_seg.runtimes shares without importing this module;
+# kept importable from here.
+from keras_seg.segmenter import (  # noqa: F401
+    EXPORT_FORMAT,
+    EXPORT_FORMAT_VERSION,
+    LABELS_NAME,
+    InferenceError,
+    Prediction,
+    Segmenter,
+    class_ids_and_confidence,
+    exported_contracts,
+    narrow,
+)
 
 SERVING_SIGNATURE = "serving_default"  # encoded JPEG / PNG bytes -> class_ids, confidence
 UINT8_SIGNATURE = "segment_uint8"  # uint8 pixels -> class_ids, confidence
 PROBABILITIES_SIGNATURE = "probabilities"  # uint8 pixels -> softmax at the images' size, by the contract
 MODEL_SIGNATURE = "model_probabilities"  # float32 [0, 1] at the model's input size -> softmax (the bare model)
 SIGNATURES = (SERVING_SIGNATURE, UINT8_SIGNATURE, PROBABILITIES_SIGNATURE, MODEL_SIGNATURE)
-
-
-class InferenceError(ValueError):
-    """A model or an input that cannot be used, said in one line."""
 
 
 # --------------------------------------------------------------------------- the graph
@@ -87,11 +92,6 @@ def decode_images(encoded):
             return tf.identity(image)
 
     return tf.map_fn(decode_same_size, encoded, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
-
-
-def class_ids_and_confidence(probabilities):
-    """Softmax maps [N, H, W, C] -> (int32 arg-max class [N, H, W], float32 top probability [N, H, W])."""
-    return tf.argmax(probabilities, axis=-1, output_type=tf.int32), tf.reduce_max(probabilities, axis=-1)
 
 
 class SegmentationModule(tf.Module):
@@ -152,94 +152,6 @@ class SegmentationModule(tf.Module):
 
 
 # --------------------------------------------------------------------------- loading
-
-
-@dataclass
-class Segmenter:
-    """A model ready for inference (see the module docstring); `load_segmenter` makes one.
-
-    Attributes:
-        info: the model's labels and settings, as `assets/labels.json` of an export holds them:
-            `class_names`, `colors`, `ignore_index`, `label_space`, `num_classes`, `inference`
-            (the contract), `input_size` (the model's), `preset`, ...
-        source: where it was loaded from.
-        kind: "run" or "saved_model".
-        contract_function: uint8 [N, H, W, 3] -> float32 softmax [N, H, W, C], by the contract;
-            None: built from `model_function` and the contract in `info`.
-        model_function: float32 [n, h, w, 3] in [0, 1] at the input size -> softmax (the bare model).
-        owner: the `SegmentationModule` or loaded SavedModel the functions belong to (kept alive).
-    """
-
-    info: dict
-    source: str
-    kind: str
-    contract_function: Callable | None
-    model_function: Callable
-    owner: object = None
-    _averaged: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def contract(self) -> contracts.InferenceContract:
-        return contracts.InferenceContract.from_dict(self.info["inference"], f"{self.source}: inference")
-
-    @property
-    def input_size(self) -> tuple:
-        return tuple(self.info["input_size"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.info["num_classes"])
-
-    @property
-    def class_names(self) -> list:
-        return list(self.info["class_names"])
-
-    @property
-    def colors(self) -> list:
-        return [tuple(c) for c in self.info["colors"]]
-
-    @property
-    def ignore_index(self) -> int:
-        return int(self.info.get("ignore_index", IGNORE_INDEX))
-
-    @property
-    def label_space(self):
-        return self.info.get("label_space")
-
-    def probabilities(self, images, flip=False, scales=(1.0,)):
-        """uint8 images [N, H, W, 3] (one size) -> float32 softmax tensor [N, H, W, C] at their size,
-        averaged with the mirror images (`flip`) and over the scale ratios `scales` on request."""
-        images = tf.convert_to_tensor(images, tf.uint8)
-        scales = tuple(float(s) for s in scales)
-        if not flip and scales == (1.0,) and self.contract_function is not None:
-            return self.contract_function(images)
-        key = (bool(flip), scales)
-        if key not in self._averaged:
-            contract, num_classes, bare = self.contract, self.num_classes, self.model_function
-            self._averaged[key] = tf.function(
-                lambda x: contracts.contract_probabilities(x, bare, contract, num_classes, flip, scales),
-                input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-        return self._averaged[key](images)
-
-    def predict(self, image, flip=False, scales=(1.0,)) -> Prediction:
-        """Class ids and confidence of one uint8 image [H, W, 3] at its own size."""
-        image = np.asarray(image, np.uint8)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise InferenceError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
-        class_ids, confidence = class_ids_and_confidence(self.probabilities(image[None], flip, scales))
-        return Prediction(narrow(class_ids.numpy()[0]), confidence.numpy()[0])
-
-
-@dataclass
-class Prediction:
-    """One image's prediction at the image's size."""
-
-    class_ids: np.ndarray  # uint8 [H, W]; int32 when an id reaches 255 (models of over 255 classes)
-    confidence: np.ndarray  # float32 [H, W], the top softmax probability
-
-
-def narrow(class_ids):
-    return class_ids.astype(np.uint8) if class_ids.size == 0 or class_ids.max() < 255 else class_ids
 
 
 def run_contract(config: dict) -> contracts.InferenceContract:
@@ -416,22 +328,6 @@ def load_segmenter(path, mode=None, tile=None, overlap=None) -> Segmenter:
                          lambda images: bare(images=images)["probabilities"], owner=loaded)
     raise InferenceError(f"{path}: neither a run directory (config.json, best.keras) nor a SavedModel "
                          "(saved_model.pb, or numbered version folders holding one)")
-
-
-def exported_contracts(info: dict, source, mode=None, tile=None, overlap=None):
-    """An export's recorded contract and the one asked for (`contracts.override`), as (recorded, wanted).
-
-    An export runs at its recorded input size only: a wanted contract with other windows is refused.
-    """
-    recorded = contracts.InferenceContract.from_dict(info["inference"], f"{source}: inference")
-    try:
-        wanted = contracts.override(recorded, mode, tile, overlap)
-    except contracts.ContractError as err:
-        raise InferenceError(f"{source}: {err}") from err
-    if wanted.input_size != recorded.input_size:
-        raise InferenceError(f"{source}: the exported model takes {recorded.input_size[0]}x"
-                             f"{recorded.input_size[1]} inputs only; use the run directory for other windows")
-    return recorded, wanted
 
 
 def segmenter_from_model(model, info, source="<model>") -> Segmenter:

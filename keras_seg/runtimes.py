@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from keras_seg.inference import EXPORT_FORMAT, LABELS_NAME, InferenceError
+from keras_seg.segmenter import EXPORT_FORMAT, LABELS_NAME, InferenceError, Segmenter, exported_contracts
 
 SUFFIXES = {".tflite": "litert", ".onnx": "onnx", ".xml": "openvino"}
 EXTRAS = {"litert": ("ai_edge_litert", "keras-seg[litert]"), "onnx": ("onnxruntime", "keras-seg[onnx]"),
@@ -179,13 +179,11 @@ def read_artifact_info(path) -> dict:
 
 
 def artifact_segmenter(path, mode=None, tile=None, overlap=None, threads=None, openvino_precision="f32"):
-    """A `keras_seg.inference.Segmenter` running an artifact's windows through its runtime.
+    """A `keras_seg.segmenter.Segmenter` running an artifact's windows through its runtime.
 
     The artifact takes one input size; the contract may change its mode or overlap, not its window.
     """
     import tensorflow as tf
-
-    from keras_seg.inference import Segmenter, exported_contracts
 
     path = os.fspath(path)
     info = read_artifact_info(path)
