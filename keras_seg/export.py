@@ -42,6 +42,21 @@ class ExportError(ValueError):
     """A bad argument or destination, said in one line."""
 
 
+MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # safe in TF Serving's URLs and paths
+
+
+def model_name_from_folder(folder) -> str:
+    """A valid model name from a folder's name: accents dropped (städte -> stadte), every other character
+    outside letters, digits, '_', '.' and '-' made '_' (ce+dice -> ce_dice, "my run" -> my_run), leading
+    '_', '.', '-' removed; "model" when nothing is left. Any folder a user can name a run gives one."""
+    import unicodedata
+
+    base = os.path.basename(os.path.normpath(os.path.abspath(os.fspath(folder))))
+    ascii_name = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ascii_name).lstrip("_.-")
+    return name or "model"
+
+
 def next_version(model_dir: str) -> int:
     """1 + the highest numbered version folder in `model_dir` (1 when there is none)."""
     if not os.path.isdir(model_dir):
@@ -57,22 +72,22 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
     Args:
         run_dir: a directory written by `keras_seg.train`.
         output_dir: the model base directory that TF Serving's `--model_base_path` points above.
-        name: model name (default: the run directory's name).
+        name: model name (default: the run directory's name, made valid by `model_name_from_folder`).
         version: version number (default: one above the highest present, or 1).
         overwrite: replace an existing version.
         log: where progress lines go.
         progress: show a progress bar over the export's stages (on stderr).
 
     Raises:
-        ExportError: bad name or version, or the version exists and `overwrite` is off.
+        ExportError: a bad `name` given, a bad version, or the version exists and `overwrite` is off.
         keras_seg.inference.InferenceError: not a usable run directory.
     """
     from keras_seg import inference
     from keras_seg.contract import InferenceContract
 
     run_dir = os.fspath(run_dir)
-    name = name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+    name = name or model_name_from_folder(run_dir)
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
         raise ExportError(f"--name {name!r}: use letters, digits, '_', '.' and '-' (it appears in serving URLs)")
     model_dir = os.path.join(os.fspath(output_dir), name)
     if version is None:
@@ -377,8 +392,9 @@ def build_parser():
     )
     parser.add_argument("--run", required=True, help="run directory written by keras_seg.train (uses best.keras)")
     parser.add_argument("--output", required=True, metavar="DIR", help="model base directory")
-    parser.add_argument("--name", help="model name, the folder under DIR and the name in serving URLs "
-                                       "(default: the run directory's name)")
+    parser.add_argument("--name", help="model name, the folder under DIR and the name in serving URLs: letters, "
+                                       "digits, '_', '.', '-' (default: the run directory's name, other "
+                                       "characters made '_')")
     parser.add_argument("--version", type=int, help="version number (default: one above the highest in DIR/NAME)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/NAME/VERSION")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -194,3 +194,20 @@ def test_bad_runs_give_one_line_errors(tmp_path, capsys, make, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("folder, expected", [("ce+dice", "ce_dice"), ("a=b", "a_b"), ("my run", "my_run"),
+                                              ("städte", "stadte"), ("+x", "x"), ("日本", "model")])
+def test_any_run_folder_gives_a_valid_model_name(tmp_path, folder, expected):
+    assert export.model_name_from_folder(tmp_path / folder) == expected
+
+
+def test_a_run_in_a_folder_named_as_users_name_them_exports(tmp_path):
+    """issue 31 item 1: the trainer exports without --name; a run folder with '+' (ce+dice) was refused
+    after the whole run. The default name is made valid; a --name given is still checked as it is."""
+    run = write_run(tmp_path / "ce+dice")
+    path = export.export_saved_model(run, tmp_path / "models", log=lambda _: None)
+    assert path == str(tmp_path / "models" / "ce_dice" / "1")
+    assert (tmp_path / "models" / "ce_dice" / "1" / "saved_model.pb").is_file()
+    with pytest.raises(export.ExportError, match=r"--name 'a\+b'"):
+        export.export_saved_model(run, tmp_path / "models", name="a+b", log=lambda _: None)
