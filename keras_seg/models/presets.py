@@ -26,13 +26,14 @@ import inspect
 from keras_seg.models.ddrnet import build_ddrnet
 from keras_seg.models.deeplab import build_deeplabv3plus
 from keras_seg.models.encoder_unet import build_encoder_unet
+from keras_seg.models.erfnet import build_erfnet
 from keras_seg.models.fcn import build_fcn
 from keras_seg.models.lraspp import build_lraspp
 from keras_seg.models.unet import build_unet
 from keras_seg.recipes import DDRNET_CITYSCAPES, LRASPP_CITYSCAPES, SGD_POLY
 
 ARCHITECTURES = {"unet": build_unet, "fcn": build_fcn, "deeplabv3plus": build_deeplabv3plus, "lraspp": build_lraspp,
-                 "ddrnet": build_ddrnet}
+                 "ddrnet": build_ddrnet, "erfnet": build_erfnet}
 # Architectures whose builder takes `with_aux` (an auxiliary head for training, weight `aux_weight`).
 AUX_ARCHITECTURES = ("deeplabv3plus", "ddrnet")
 ENCODER_ARCHITECTURES = ("unet", "fcn", "deeplabv3plus")  # "unet" when it has an "encoder"
@@ -203,6 +204,35 @@ PRESETS = {
         "input_size": (256, 512),
         "train": {**CPU_BUDGET, "encoder_weights": None},
         "demo": {**ENCODER_DEMO, "time_budget": DEMO_BUDGET},
+    },
+    # ERFNet (issue 32; docs/models.md). "train" is the authors' Cityscapes recipe (Eromera/erfnet_pytorch,
+    # train/main.py): Adam 5e-4 with weight decay 1e-4 added to the gradients (PyTorch's Adam: "l2"), poly 0.9
+    # to zero, 150 epochs of 6 whole frames resized to 512x1024, flips, cross-entropy with ENet's class
+    # weights. Left out: their two stages (the encoder first, on labels at 1/8), the 0-2 pixel shifts, and
+    # their weights' constant (fixed Cityscapes weights of 2.8-10.4: ENet's formula with c = 1.10, as their
+    # values give; `enet` computes ENet's c = 1.02 on the run's own training split).
+    "erfnet": {
+        "description": "ERFNet from scratch: factorized (3x1, 1x3) residual blocks, dilations 2-16 at stride 8, "
+                       "transposed-conv decoder: 2.06M parameters",
+        "model": {"architecture": "erfnet"},
+        "input_size": (512, 1024),
+        "train": {"optimizer": "adam", "learning_rate": 5e-4, "weight_decay": 1e-4, "weight_decay_mode": "l2",
+                  "schedule": "poly", "poly_power": 0.9, "final_lr_ratio": 0.0, "warmup_iters": 0, "clipnorm": 0.0,
+                  "epochs": 150, "batch_size": 6, "loss": "ce", "class_weights": "enet", "patience": 0,
+                  "augment": {"flip_prob": 0.5, "scale_prob": 0.0, "rotation_prob": 0.0, "brightness_prob": 0.0,
+                              "contrast_prob": 0.0, "saturation_prob": 0.0, "hue_prob": 0.0}},
+        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0,
+                 "cache": "memory"},
+    },
+    # At unet_small's 128x256, not the other real-time models' 256x512: ERFNet has 4.2x unet_small's
+    # multiply-accumulates at the same size already (docs/models.md), 16.6x at 256x512. Its stride-8 maps are
+    # 16x32 at 128x256: the dilation-16 blocks read mostly padding there.
+    "erfnet_cpu": {
+        "description": "ERFNet from scratch on a 35-minute CPU budget at 128x256 (unet_small's training)",
+        "model": {"architecture": "erfnet"},
+        "input_size": (128, 256),
+        "train": CPU_BUDGET,
+        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0},
     },
 }
 
