@@ -55,7 +55,7 @@ _EXPORTS = {
     "InferenceContract": "keras_seg.contract",
     "contract_probabilities": "keras_seg.contract",
     "InferenceError": "keras_seg.segmenter",
-    "evaluate_split": "keras_seg.evaluate",
+    "evaluate_split": "keras_seg.scoring",
     "export_saved_model": "keras_seg.export",
     # pictures
     "colorize": "keras_seg.visualize",

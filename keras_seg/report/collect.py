@@ -145,7 +145,7 @@ def score_run(run: Run, k=4, keep=(), batch_size=4):
     if not data_dir or not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
         return None, f"the run's data {data_dir} is not here: the val images were not scored"
     from keras_seg import inference
-    from keras_seg.evaluate import evaluate_split
+    from keras_seg.scoring import evaluate_split
 
     segmenter = inference.load_segmenter(run.root)
     scores = ImageScores(k, keep)
