@@ -141,11 +141,20 @@ def set_length(config: TrainConfig, iters=None, epochs=None, time_budget=None):
         setattr(config, key, value)
 
 
+# The multiple every architecture's builder requires of the input's sides (its `check_input_size`),
+# where it does not depend on the builder's arguments. tests/test_safety_strides.py holds every
+# preset's entry to its builder's own check.
+# "unet" is the U-Net over an ImageNet encoder; without one it needs 2**depth x stem_stride.
+INPUT_MULTIPLES = {"unet": 32, "fcn": 32, "deeplabv3plus": 32, "lraspp": 32, "ddrnet": 64, "erfnet": 8}
+
+
 def model_stride(model_config: dict) -> int:
-    """The factor the input size must be divisible by."""
-    if model_config.get("architecture") == "unet":
+    """The factor the input size must be divisible by: what the architecture's builder checks, so
+    that a size it refuses is a one-line configuration error before the run directory exists."""
+    architecture = model_config.get("architecture")
+    if architecture == "unet" and "encoder" not in model_config:
         return 2 ** int(model_config.get("depth", 4)) * int(model_config.get("stem_stride", 1))
-    return 32
+    return INPUT_MULTIPLES.get(architecture, 32)
 
 
 def _check_choice(name, value, choices):
