@@ -142,6 +142,8 @@ def export_saved_model(run_dir, output_dir, name=None, version=None, overwrite=F
 FORMATS = ("saved_model", "litert", "onnx", "openvino")
 QUANTIZATIONS = ("none", "fp16", "int8")
 ARTIFACT_FILES = {"litert": "model.tflite", "onnx": "model.onnx", "openvino": "model.xml"}
+# Every name an artifact export writes: a folder holding any of them holds an export.
+EXPORT_FILE_NAMES = (*ARTIFACT_FILES.values(), "model.bin", "labels.json")
 DEFAULT_CALIBRATION_IMAGES = 200
 
 
@@ -313,7 +315,16 @@ def export_artifact(run_dir, output_dir, fmt, quantize="none", calibration_image
                     calibration_data=None, overwrite=False, log=print) -> str:
     """Export a run's model as a LiteRT, ONNX or OpenVINO file in `output_dir` beside `labels.json`;
     returns the model file's path. `labels.json` holds the run's labels and contract and, under
-    "artifact", the format, quantization and exact input / output description."""
+    "artifact", the format, quantization, exact input / output description and the SHA-256 of each
+    model file ("files").
+
+    One export per folder: a folder that holds one is refused unless `overwrite`. The model and its
+    labels are bound by those checksums, which `keras_seg.runtimes` checks on every load, rather than
+    published as one unit: the check is made where the pair is used, so it refuses a mixed pair however
+    it came about (an export killed between its renames, OpenVINO's .xml and .bin from two exports, a
+    file copied in by hand), and it needs no swap of the whole folder, which could take a user's other
+    files with it. The model files are moved in first and `labels.json` written last, so until it is,
+    the new files are refused beside the old labels."""
     from keras_seg import inference, runtimes
     from keras_seg.contract import InferenceContract
     from keras_seg.files import write_json_atomically as write_json
@@ -328,8 +339,10 @@ def export_artifact(run_dir, output_dir, fmt, quantize="none", calibration_image
         runtimes.require(fmt, module)
     output_dir = os.fspath(output_dir)
     path = os.path.join(output_dir, ARTIFACT_FILES[fmt])
-    if os.path.exists(path) and not overwrite:
-        raise ExportError(f"{path} exists: choose another --output or --overwrite")
+    previous = [name for name in EXPORT_FILE_NAMES if os.path.lexists(os.path.join(output_dir, name))]
+    if previous and not overwrite:
+        raise ExportError(f"{output_dir} already holds an export ({', '.join(previous)}): choose another --output, "
+                          "or --overwrite to replace it")
     model, info = inference.load_run_model(run_dir)
     contract = InferenceContract.from_dict(info["inference"])
     if contract.size_divisor:
@@ -367,11 +380,17 @@ def export_artifact(run_dir, output_dir, fmt, quantize="none", calibration_image
         if fmt == "litert":
             artifact["ops"] = litert_op_report(staged)
         artifact.update(describe_io(staged, fmt))
-        for name in os.listdir(staging):  # OpenVINO writes model.xml and model.bin
+        written = sorted(os.listdir(staging))  # OpenVINO writes model.xml and model.bin
+        artifact["files"] = {name: {"sha256": runtimes.file_sha256(os.path.join(staging, name)),
+                                    "bytes": os.path.getsize(os.path.join(staging, name))} for name in written}
+        for name in written:  # killed in between: the old labels.json's checksums refuse the mix
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_json(os.path.join(output_dir, inference.LABELS_NAME), dict(info, artifact=artifact))
+    for name in previous:  # --overwrite: the replaced export's files of another format
+        if name not in written and name != inference.LABELS_NAME:
+            os.remove(os.path.join(output_dir, name))
     return path
 
 

@@ -163,8 +163,16 @@ def load_runtime(path, threads=None, openvino_precision="f32"):
     raise InferenceError(f"{path}: not a deployment artifact (.tflite, .onnx or OpenVINO .xml)")
 
 
+def file_sha256(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_artifact_info(path) -> dict:
-    """The `labels.json` beside an artifact (written by `keras_seg.export`)."""
+    """The `labels.json` beside an artifact (written by `keras_seg.export`), once the model file(s) beside
+    it are checked to be the very ones it was written with (`check_bound`)."""
     labels = os.path.join(os.path.dirname(os.path.abspath(path)), LABELS_NAME)
     try:
         with open(labels) as f:
@@ -175,7 +183,31 @@ def read_artifact_info(path) -> dict:
         raise InferenceError(f"{labels}: unreadable labels file ({err})") from err
     if info.get("format") != EXPORT_FORMAT or "inference" not in info:
         raise InferenceError(f"{labels}: not a keras_seg.export labels file")
+    check_bound(path, labels, info)
     return info
+
+
+def check_bound(path, labels, info):
+    """Refuse a model whose files are not those `labels.json` records by checksum (under "artifact" ->
+    "files"): a second export into the folder, one interrupted between its files, or a file copied
+    in by hand would otherwise be read with another model's classes, contract and input type."""
+    files = (info.get("artifact") or {}).get("files")
+    name = os.path.basename(os.fspath(path))
+    if not files:
+        raise InferenceError(f"{path} and {labels}: {LABELS_NAME} records no checksum of the model (written by an "
+                             f"earlier keras-seg), so the pair cannot be trusted: export the run again")
+    if name not in files:
+        raise InferenceError(f"{path} and {labels}: not one export ({LABELS_NAME} describes {', '.join(files)}): "
+                             "export the run again into its own folder")
+    directory = os.path.dirname(os.path.abspath(path))
+    for file_name, recorded in files.items():
+        file_path = os.path.join(directory, file_name)
+        if not os.path.isfile(file_path):
+            raise InferenceError(f"{path} and {labels}: {file_name}, part of this export, is missing")
+        if file_sha256(file_path) != recorded.get("sha256"):
+            raise InferenceError(f"{path} and {labels}: not one export ({file_name} is not the file {LABELS_NAME} "
+                                 "was written with: another export or an interrupted one replaced one of them): "
+                                 "export the run again")
 
 
 def artifact_segmenter(path, mode=None, tile=None, overlap=None, threads=None, openvino_precision="f32"):
