@@ -1,4 +1,4 @@
-"""Segmentation losses: weighted cross-entropy, soft Dice, focal, and weighted sums of them.
+"""Segmentation losses: weighted cross-entropy, soft Dice, focal, OHEM, Lovasz-Softmax, and weighted sums of them.
 
 Every loss takes masks `y_true` [B, H, W] or [B, H, W, 1] (class indices; Keras may hand them over
 as floats) and logits `y_pred` [B, H, W, C]; pixels labelled `ignore_index` (255) take no part.
@@ -13,6 +13,7 @@ Class weights are given explicitly or computed from the training split's pixel c
 
 from __future__ import annotations
 
+import functools
 import re
 
 import keras
@@ -338,6 +339,106 @@ class DiceLoss(_SegmentationLoss):
         return {**super().get_config(), "smooth": self.smooth}
 
 
+LOVASZ_CLASSES = ("present", "all")
+
+
+@keras.saving.register_keras_serializable(package="keras_seg")
+class LovaszSoftmaxLoss(_SegmentationLoss):
+    """Lovasz-Softmax (Berman, Rannen Triki & Blaschko, CVPR 2018): a surrogate of 1 - IoU, convex in the errors.
+
+    For each class c, the errors `|[y = c] - p_c|` of the valid pixels, sorted in decreasing order,
+    are weighted by the Lovasz extension's gradient of the Jaccard loss: the increase of
+    `|S| / |fg u S|` (fg: the pixels of class c) as each pixel joins the set S of those with larger
+    errors. A group's loss is the mean of these per-class values. The groups, as the reference's
+    `per_image` option:
+
+    - `per_image=False`: every valid pixel of the batch together (the reference's default). Under
+      the trainer's `--accumulate` and replicas, "the batch" is each replica's micro-batch (the
+      `--batch-size` images a device holds at once), and their losses are averaged, weighted by
+      their images: the sort does not split into sums over pixels, so this is the whole global
+      batch's Lovasz only on one device without accumulation.
+    - `per_image=True`: each image alone, then the mean over the images that hold a valid pixel
+      (the reference counts an all-ignored image as a 0). A mean over images: accumulation and
+      replicas give the whole batch's loss and gradient.
+
+    Args:
+        per_image: bool. One Lovasz per image (True) or one for the whole batch (False).
+        classes: `"present"` (the classes in the group's valid labels, the reference's default) or
+            `"all"` (every class; an absent class then costs its largest predicted probability).
+        class_weights: per-class weights [C] of the mean over the classes that count
+            (`sum w_c L_c / sum w_c`), or None (equal weights).
+        ignore_index: int. Label of ignored pixels.
+    """
+
+    def __init__(self, per_image: bool = False, classes: str = "present", class_weights=None,
+                 ignore_index: int = IGNORE_INDEX, name="lovasz_softmax", **kwargs):
+        super().__init__(class_weights, ignore_index, name=name, **kwargs)
+        if classes not in LOVASZ_CLASSES:
+            raise ValueError(f"lovasz classes must be one of {', '.join(LOVASZ_CLASSES)}, got {classes!r}")
+        self.per_image, self.classes = bool(per_image), classes
+
+    def _group_losses(self, y_true, y_pred):
+        """Each image's Lovasz [B] (per image) or the batch's [1], and which images hold a valid pixel [B]."""
+        labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
+        num_classes = logits.shape[-1]
+        batch = ops.shape(logits)[0]
+        image_has_valid = ops.max(ops.reshape(valid, (batch, -1)), axis=-1)
+        groups = batch if self.per_image else 1
+        # [groups, C, pixels]: one sort per group and class.
+        valid = ops.reshape(valid, (groups, 1, -1))
+        fg = ops.transpose(ops.reshape(ops.one_hot(labels, num_classes, dtype="float32"), (groups, -1, num_classes)),
+                           (0, 2, 1)) * valid
+        probs = ops.transpose(ops.reshape(ops.softmax(logits, axis=-1), (groups, -1, num_classes)), (0, 2, 1))
+        # Ignored pixels get error -1: they sort after every valid pixel (errors are in [0, 1]).
+        errors = ops.where(valid > 0, ops.abs(fg - probs), -1.0)
+        sorted_errors, order = ops.top_k(errors, ops.shape(errors)[-1], sorted=True)
+        fg_sorted = ops.take_along_axis(fg, order, axis=-1)
+        valid_sorted = ops.cast(sorted_errors >= 0, "float32")
+        # The Lovasz gradient of the Jaccard loss at each sorted position k, with I_k = |fg| - (fg
+        # among the first k+1) and U_k = |fg| + (background among them): J_k - J_{k-1} with
+        # J = 1 - I/U. It is 1/U_k for a foreground pixel and I_k / (U_k (U_k - 1)) for a background
+        # one (1 for the first background pixel of an absent class): these forms avoid subtracting
+        # two nearly equal J in float32. Counts are exact in float32 up to 2^24 pixels.
+        fg_total = ops.sum(fg, axis=-1, keepdims=True)
+        intersection = fg_total - ops.cumsum(fg_sorted, axis=-1)
+        union = fg_total + ops.cumsum(valid_sorted - fg_sorted, axis=-1)
+        background_step = ops.where(union > 1, ops.divide_no_nan(intersection, union * (union - 1)), 1.0)
+        lovasz_grad = ops.where(fg_sorted > 0, ops.divide_no_nan(1.0, union), background_step) * valid_sorted
+        class_losses = ops.sum(sorted_errors * ops.stop_gradient(lovasz_grad), axis=-1)  # [groups, C]
+        group_has_valid = ops.max(valid, axis=(1, 2))
+        counted = (ops.cast(fg_total[..., 0] > 0, "float32") if self.classes == "present"
+                   else ops.ones_like(class_losses) * group_has_valid[:, None])
+        if self.class_weights is not None:
+            counted = counted * ops.convert_to_tensor(self.class_weights)
+        group_losses = ops.divide_no_nan(ops.sum(counted * class_losses, axis=-1), ops.sum(counted, axis=-1))
+        return group_losses, image_has_valid
+
+    def statistics(self, y_true, y_pred):
+        group_losses, image_has_valid = self._group_losses(y_true, y_pred)
+        images = ops.sum(image_has_valid)
+        # Per batch: the batch's loss counts once per image that holds a valid pixel, so that
+        # micro-batches and replicas average by images, as the per-image losses do.
+        total = ops.sum(group_losses * image_has_valid) if self.per_image else group_losses[0] * images
+        return {"sum": total, "count": images}
+
+    def from_statistics(self, stats):
+        return ops.divide_no_nan(stats["sum"], stats["count"])
+
+    def mask_statistics(self, y_true):
+        valid = ops.cast(ops.not_equal(ops.cast(y_true, "int32"), self.ignore_index), "float32")
+        return {"count": ops.sum(ops.max(ops.reshape(valid, (ops.shape(valid)[0], -1)), axis=-1))}
+
+    def call(self, y_true, y_pred):
+        group_losses, image_has_valid = self._group_losses(y_true, y_pred)
+        if self.per_image:
+            return _per_valid_pixel(group_losses, image_has_valid)  # the mean over images with a valid pixel
+        # One value per image, as Dice's (Keras scales non-scalar losses for tf.distribute).
+        return ops.zeros_like(image_has_valid) + group_losses[0]
+
+    def get_config(self):
+        return {**super().get_config(), "per_image": self.per_image, "classes": self.classes}
+
+
 @keras.saving.register_keras_serializable(package="keras_seg")
 class CombinedLoss(keras.losses.Loss):
     """A weighted sum of losses, e.g. `1.0 * CrossEntropyLoss() + 0.5 * DiceLoss()`.
@@ -385,7 +486,14 @@ class CombinedLoss(keras.losses.Loss):
         return cls(losses, name=config.get("name"))
 
 
-LOSSES = {"ce": CrossEntropyLoss, "dice": DiceLoss, "focal": FocalLoss, "ohem": OhemCrossEntropyLoss}
+LOSSES = {
+    "ce": CrossEntropyLoss, "dice": DiceLoss, "focal": FocalLoss, "ohem": OhemCrossEntropyLoss,
+    # Lovasz-Softmax's options as names, so that a --loss spec reaches them.
+    "lovasz": functools.partial(LovaszSoftmaxLoss, per_image=False, classes="present"),
+    "lovasz_image": functools.partial(LovaszSoftmaxLoss, per_image=True, classes="present"),
+    "lovasz_all": functools.partial(LovaszSoftmaxLoss, per_image=False, classes="all"),
+    "lovasz_image_all": functools.partial(LovaszSoftmaxLoss, per_image=True, classes="all"),
+}
 _TERM = re.compile(r"^\s*(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
 # Short forms accepted for the weighting methods, as on a command line.
 _WEIGHTING_ALIASES = {"inverse": "inverse_frequency", "median": "median_frequency"}
@@ -394,7 +502,7 @@ _WEIGHTING_ALIASES = {"inverse": "inverse_frequency", "median": "median_frequenc
 def parse_loss_spec(spec: str) -> list:
     """`"ce+0.5*dice"` -> `[(1.0, "ce"), (0.5, "dice")]`; a ValueError names a bad term.
 
-    Terms are joined by `+`, each `name` or `weight*name`, names among `ce`, `dice`, `focal`.
+    Terms are joined by `+`, each `name` or `weight*name`, names among `LOSSES`' keys.
     """
     terms = []
     for term in str(spec).split("+"):
