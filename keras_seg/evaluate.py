@@ -17,6 +17,7 @@ the scale ratios 0.5-1.75 and flips, as MMSegmentation's `--tta`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -74,6 +75,28 @@ def check_inference_arguments(parser, args):
         parser.exit(2, f"error: --overlap must be in [0, 1), got {args.overlap}\n")
     if getattr(args, "batch_size", 1) < 1:
         parser.exit(2, f"error: --batch-size must be >= 1, got {args.batch_size}\n")
+
+
+def check_tile(parser, args):
+    """--tile on a run: both sides multiples of its model's stride, said in one line before the model is
+    rebuilt at that size (its builder would raise from inside Keras). An export's window is its own
+    input size, which its loader checks."""
+    if not args.tile:
+        return
+    model = os.fspath(args.model)
+    run = os.path.dirname(os.path.abspath(model)) if model.endswith(".keras") else model
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            model_config = json.load(f)["model"]
+        from keras_seg.config import model_stride
+
+        stride = model_stride(model_config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # not a run (or a broken one): the loader says what it is
+    height, width = args.tile
+    if height % stride or width % stride:
+        parser.exit(2, f"error: --tile {height}x{width}: both sides must be multiples of {stride}, the stride of "
+                       f"the {model_config.get('architecture')} model of {run}\n")
 
 
 def mode_name(args) -> str:
@@ -179,6 +202,7 @@ def main(argv=None) -> int:
     check_retired_flags(parser, argv)
     args = parser.parse_args(argv)
     check_inference_arguments(parser, args)
+    check_tile(parser, args)
     if args.limit < 0:
         parser.exit(2, f"error: --limit must be >= 0, got {args.limit}\n")
     if args.scales and not args.tta:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_seg.evaluate import add_inference_arguments, check_inference_arguments, check_retired_flags
+from keras_seg.evaluate import add_inference_arguments, check_inference_arguments, check_retired_flags, check_tile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FORMATS = ("color", "cityscapes-labelids")
@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     check_retired_flags(parser, argv)
     args = parser.parse_args(argv)
     check_inference_arguments(parser, args)
+    check_tile(parser, args)
     if args.panel_height < 0 or not 0.0 <= args.alpha <= 1.0:
         parser.exit(2, "error: --panel-height must be >= 0 and --alpha in [0, 1]\n")
     from keras_seg.quiet import import_tensorflow
