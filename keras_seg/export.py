@@ -242,7 +242,9 @@ def calibration_windows(run_dir, contract, count, data_dir=None, seed=0):
 
 
 def litert_options(quantize, windows=None):
-    """`Model.export(format="litert")` converter options for a quantization."""
+    """`Model.export(format="litert")` converter options for a quantization. For int8 the converter only
+    calibrates (records each tensor's float range over `windows`): `quantize_calibrated` then pins the
+    input's range and quantizes."""
     import tensorflow as tf
 
     # Builtin ops only: Keras' default adds SELECT_TF_OPS (Flex), which most devices cannot run.
@@ -259,7 +261,54 @@ def litert_options(quantize, windows=None):
 
     return {"optimizations": [tf.lite.Optimize.DEFAULT], "representative_dataset": representative_dataset,
             "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
-            "inference_input_type": tf.uint8, "inference_output_type": tf.int8}
+            "_experimental_calibrate_only": True}
+
+
+PIXEL_RANGE = (0.0, 255.0)  # an int8 model's input range whatever the calibration saw: scale 1, zero point 0
+
+
+def quantize_calibrated(calibrated: bytes) -> bytes:
+    """A calibrated float .tflite (`litert_options("int8")`) -> full-integer int8 with uint8 pixels in and
+    int8 logits out, its input range pinned to 0..255 so that a pixel is fed as it is (scale 1, zero
+    point 0). The quantizer takes each tensor's range from calibration, so the input's scale was 1 only
+    when the windows held both 0 and 255: calibrated on dark images it was 0.467, and a client feeding
+    raw pixels fed them 2.1x too bright. The quantization step is the converter's own (`mlir_quantize`
+    with the arguments `TFLiteConverter` passes it); raises ExportError if the input is not as pinned."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.lite.python import convert
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated))
+    graph = model.subgraphs[0]
+    for index in graph.inputs:
+        tensor = graph.tensors[index]
+        if tensor.quantization is None:
+            tensor.quantization = schema.QuantizationParametersT()
+        tensor.quantization.min = np.array([PIXEL_RANGE[0]], np.float32)
+        tensor.quantization.max = np.array([PIXEL_RANGE[1]], np.float32)
+    pinned = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    quantized = convert.mlir_quantize(pinned, input_data_type=tf.uint8, output_data_type=tf.int8)
+    quantized = convert.deduplicate_readonly_buffers(quantized)
+    check_pixel_input(quantized)
+    return quantized
+
+
+def check_pixel_input(tflite: bytes):
+    """Raise ExportError unless the model's input is uint8 pixels at scale 1, zero point 0."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite))
+    graph = model.subgraphs[0]
+    tensor = graph.tensors[graph.inputs[0]]
+    quantization = tensor.quantization
+    scale = list(quantization.scale) if quantization is not None and quantization.scale is not None else []
+    zero = list(quantization.zeroPoint) if quantization is not None and quantization.zeroPoint is not None else []
+    if tensor.type != schema.TensorType.UINT8 or scale != [1.0] or zero != [0]:
+        raise ExportError(f"int8 conversion did not keep the input as uint8 pixels at scale 1, zero point 0 (got type "
+                          f"{tensor.type}, scale {scale}, zero point {zero}): the converter ignored the pinned range")
 
 
 def litert_op_report(path) -> dict:
@@ -375,6 +424,13 @@ def export_artifact(run_dir, output_dir, fmt, quantize="none", calibration_image
         try:
             deploy.export(staged, format=fmt, verbose=False, input_signature=[keras.InputSpec(
                 shape=(1, *contract.input_size, 3), dtype="float32")], **options)
+            if quantize == "int8":  # the file written is the calibrated float model
+                with open(staged, "rb") as f:
+                    quantized = quantize_calibrated(f.read())
+                with open(staged, "wb") as f:
+                    f.write(quantized)
+        except ExportError:
+            raise
         except Exception as err:  # converters raise their own types; say which op failed, in one line
             raise ExportError(f"{fmt} conversion failed: {_conversion_error(err)}") from err
         if fmt == "litert":
