@@ -314,6 +314,41 @@ def check_encoder_weights(config):
         raise ConfigError(str(err)) from None
 
 
+def is_run_directory(path) -> bool:
+    """A directory `keras_seg.train` wrote: its config.json and checkpoints/."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def check_output(output, config, overwrite, chief=True):
+    """A new run's --output: apart from the data and the file cache (neither the same directory, nor
+    inside the data, nor holding either), and, when it exists, empty or a run directory that --overwrite
+    may replace. Anything else a user keeps there is never deleted."""
+    from keras_seg.demo import default_cache_dir
+
+    target = os.path.realpath(output)
+    guarded = [("--data", config.data or default_cache_dir(), True)]  # the demo's data, when no --data
+    if config.cache not in (None, "memory"):
+        # Its files lie directly in the prefix's directory: a run folder below it holds none of them.
+        guarded.append(("--cache", os.path.dirname(os.path.abspath(config.cache)) or os.sep, False))
+    for flag, directory, below_too in guarded:
+        real = os.path.realpath(directory)
+        common = os.path.commonpath([target, real])
+        if common == target or (below_too and common == real):
+            where = ("is" if target == real else "holds" if common == target else "is inside")
+            raise ConfigError(f"--output {output} {where} the {flag} directory {directory}: choose a run "
+                              "directory apart from it")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"--output {output} is a file, not a directory: choose another")
+    if not chief or not os.path.isdir(output) or not os.listdir(output):
+        return
+    if not overwrite:
+        raise ConfigError(f"--output {output} exists and is not empty: --resume to continue it, --overwrite to "
+                          "start afresh, or choose another")
+    if not is_run_directory(output):
+        raise ConfigError(f"--output {output} is not a run directory (no config.json and checkpoints/) and is not "
+                          "empty: --overwrite replaces runs only; choose another --output")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -332,9 +367,7 @@ def main(argv=None) -> int:
             config = resumed_config(output, args, argv)
         else:
             config = resolve_config(args)
-            if chief and os.path.isdir(output) and os.listdir(output) and not args.overwrite:
-                raise ConfigError(f"--output {output} exists and is not empty: --resume to continue it, "
-                                  "--overwrite to start afresh, or choose another")
+            check_output(output, config, args.overwrite, chief)
             config.output = output
             config.provenance = provenance(argv)
         if config.data is None:
@@ -344,7 +377,7 @@ def main(argv=None) -> int:
         check_data(config)
         if not args.resume:
             check_encoder_weights(config)  # may download: after the cheap checks, before the run directory
-            if chief and args.overwrite and os.path.isdir(output) and os.listdir(output):
+            if chief and args.overwrite and os.path.isdir(output) and os.listdir(output) and is_run_directory(output):
                 import shutil
 
                 shutil.rmtree(output)
