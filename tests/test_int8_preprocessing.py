@@ -43,7 +43,7 @@ def int8_logits(deploy, calibration, pixels):
             converter.target_spec.supported_ops = value["supported_ops"]
         else:
             setattr(converter, key, value)
-    interpreter = Interpreter(model_content=converter.convert())
+    interpreter = Interpreter(model_content=export.quantize_calibrated(converter.convert()))  # as export does
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     results = []
