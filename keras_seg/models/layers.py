@@ -29,10 +29,9 @@ def bilinear_up_gradient(upstream, factor: int):
     kernel = tf.constant(np.outer(taps, taps)[:, :, None, None], tf.float32)
     kernel = tf.tile(kernel, [1, 1, tf.shape(upstream)[-1], 1])
     pad = [-first, factor + first + len(taps)]
-    padded = tf.pad(upstream, [[0, 0], pad, pad, [0, 0]])
     # The gradient of the input padded by one pixel each side, (height + 2, width + 2) ...
-    padded_gradient = tf.raw_ops.DepthwiseConv2dNative(input=padded, filter=kernel, strides=[1, factor, factor, 1],
-                                                       padding="VALID")
+    padded_gradient = tf.raw_ops.DepthwiseConv2dNative(input=upstream, filter=kernel, strides=[1, factor, factor, 1],
+                                                       padding="EXPLICIT", explicit_paddings=[0, 0, *pad, *pad, 0, 0])
     # ... whose outer rows and columns (the replicated edges) add onto the edges.
     return tf.raw_ops.MirrorPadGrad(input=padded_gradient, paddings=[[0, 0], [1, 1], [1, 1], [0, 0]],
                                     mode="SYMMETRIC")
