@@ -100,3 +100,74 @@ def test_an_input_the_converter_did_not_pin_is_refused(dark, tmp_path, monkeypat
                                calibration_data=dark["data"], log=quiet)
     assert "\n" not in str(err.value)
     assert not os.path.exists(tmp_path / "int8" / "model.tflite")
+
+
+class Calibrated(BaseException):
+    """Raised in place of the conversion, with the calibration windows export computed."""
+
+
+def windows_export_calibrates_on(monkeypatch, run, data_dir, count):
+    """The windows `export_artifact` hands the converter for int8 (the conversion itself is skipped)."""
+    def stop(quantize, windows=None):
+        raise Calibrated(windows)
+
+    monkeypatch.setattr(export, "litert_options", stop)
+    with pytest.raises(Calibrated) as caught:
+        export.export_artifact(run, os.path.join(os.path.dirname(data_dir), "int8"), "litert", "int8",
+                               calibration_images=count, calibration_data=data_dir, log=quiet)
+    return caught.value.args[0]
+
+
+def test_calibration_does_not_read_the_split_before_its_first_window(tmp_path, monkeypatch):
+    """issue 31 item 6: a 4,096-record shuffle buffer read the whole split (every record of all three shards
+    here) before the first window; now the shards' order is shuffled and a small buffer mixes their records."""
+    import tensorflow as tf
+
+    run = write_run(tmp_path / "run")
+    data_dir = write_records(tmp_path / "data", scenes(300, size=(8, 16)), num_shards=3)
+    real, read = tf.data.TFRecordDataset, []
+
+    def counted(*args, **kwargs):  # every record read from a file passes through `count`
+        def count(record):
+            read.append(1)
+            return record
+
+        return real(*args, **kwargs).map(lambda r: tf.ensure_shape(tf.py_function(count, [r], tf.string), []))
+
+    monkeypatch.setattr(tf.data, "TFRecordDataset", counted)
+    windows = windows_export_calibrates_on(monkeypatch, run, data_dir, count=1)
+    assert len(windows) == 1
+    assert 0 < len(read) <= 100, len(read)  # of 300
+
+
+def test_calibration_windows_are_those_the_artifact_sees(tmp_path, monkeypatch):
+    """issue 31 item 7: a "fit" run's artifact pads an image centred in its box (as training's letterbox);
+    calibration padded it at the bottom / right. A 64x64 image in a 64x128 box: columns 32..95."""
+    run = write_run(tmp_path / "run")
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    config.update(resize_mode="fit", inference={"resize": "fit", "scale": [64, 128], "mode": "whole",
+                                                "input_size": [64, 128], "overlap": 1 / 3, "size_divisor": 8})
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(config, f)
+    [(image, mask)] = scenes(1, size=(64, 64))
+    data_dir = write_records(tmp_path / "data", [(image, mask)])
+    [window] = windows_export_calibrates_on(monkeypatch, run, data_dir, count=5)
+    expected = np.zeros((64, 128, 3), np.float32)
+    expected[:, 32:96] = image
+    np.testing.assert_array_equal(window, expected)
+
+
+def test_a_damaged_shard_met_in_calibration_is_one_line_naming_it(dark, tmp_path, capsys):
+    """issue 31 item 10: the int8 calibration's read of a damaged shard was a DataLossError traceback."""
+    data_dir = write_records(tmp_path / "data", scenes(6, seed=2), num_shards=2)
+    shard = os.path.join(data_dir, tfrecord.load_dataset_info(data_dir)["splits"]["train"]["shards"][-1])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)  # a half-copied file
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--run", dark["run"], "--format", "litert", "--quantize", "int8", "--calibration-data", data_dir,
+                     "--output", str(tmp_path / "int8")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: int8 calibration: {shard}: truncated record"), err
+    assert not os.path.exists(tmp_path / "int8" / "model.tflite")
