@@ -2,7 +2,10 @@
 
     python -m keras_seg.export --run runs/NAME --output DIR [--name NAME --version N]
     python -m keras_seg.export --run runs/NAME --format {litert,onnx,openvino} [--quantize {none,fp16,int8}]
-        [--calibration-images N] --output DIR
+        [--calibration-images N] [--calibration-data DIR] --output DIR
+
+A flag the chosen export would ignore (--name / --version with an artifact format, the calibration
+flags without --quantize int8) is refused in one line.
 
 The deployment formats (`export_artifact`, see docs/deploy.md) write `DIR/model.{tflite,onnx,xml}`
 and `DIR/labels.json` through Keras' own `Model.export`; by default (`--format saved_model`) it
@@ -511,7 +514,7 @@ def build_parser():
                              "(.xml + .bin); the last three go in DIR with labels.json, at the contract's input size")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                         help="litert only: fp16 (float16 weights) or int8 (full-integer, uint8 pixels in)")
-    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+    parser.add_argument("--calibration-images", type=int, metavar="N",
                         help=f"int8: calibration windows from the run's training TFRecords "
                              f"(default {DEFAULT_CALIBRATION_IMAGES})")
     parser.add_argument("--calibration-data", metavar="DIR",
@@ -519,25 +522,42 @@ def build_parser():
     return parser
 
 
+def flags_that_do_not_apply(args) -> list:
+    """The flags given that this export would ignore, each with what it applies to."""
+    ignored = []
+    if args.format != "saved_model":
+        ignored += [f"{flag} applies to --format saved_model (a {args.format} export is DIR itself)"
+                    for flag, value in (("--name", args.name), ("--version", args.version)) if value is not None]
+    elif args.quantize != "none":
+        ignored.append("--quantize applies to --format litert")
+    if args.quantize != "int8":
+        ignored += [f"{flag} applies to --quantize int8" for flag, value in
+                    (("--calibration-images", args.calibration_images), ("--calibration-data", args.calibration_data))
+                    if value is not None]
+    return ignored
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    ignored = flags_that_do_not_apply(args)
+    if ignored:  # refused rather than silently ignored
+        parser.exit(2, f"error: {ignored[0]}\n")
     from keras_seg.quiet import import_tensorflow
 
     import_tensorflow()
     from keras_seg.inference import InferenceError
 
     if args.format != "saved_model":
+        calibration_images = DEFAULT_CALIBRATION_IMAGES if args.calibration_images is None else args.calibration_images
         try:
-            path = export_artifact(args.run, args.output, args.format, args.quantize, args.calibration_images,
+            path = export_artifact(args.run, args.output, args.format, args.quantize, calibration_images,
                                    args.calibration_data, args.overwrite)
         except (ExportError, InferenceError, OSError) as err:
             parser.exit(2, f"error: {err}\n")
         print(f"wrote {path} and {os.path.join(os.path.dirname(path), 'labels.json')} (classes, contract, input "
               f"and output)\nscore it: python -m keras_seg.evaluate --model {path} --data DIR")
         return 0
-    if args.quantize != "none":
-        parser.exit(2, "error: --quantize applies to --format litert\n")
     try:
         path = export_saved_model(args.run, args.output, args.name, args.version, args.overwrite,
                                   progress=not args.no_progress)

@@ -186,6 +186,31 @@ def test_quantize_outside_litert_is_refused(tmp_path, capsys, args, message):
     assert err.startswith("error: ") and message in err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--format", "onnx", "--name", "street"], "--name applies to --format saved_model"),
+    (["--format", "litert", "--version", "2"], "--version applies to --format saved_model"),
+    (["--format", "openvino", "--name", "street", "--version", "2"], "--name applies to --format saved_model"),
+    (["--format", "litert", "--calibration-images", "50"], "--calibration-images applies to --quantize int8"),
+    (["--format", "litert", "--quantize", "fp16", "--calibration-data", "data"],
+     "--calibration-data applies to --quantize int8"),
+    (["--calibration-images", "50"], "--calibration-images applies to --quantize int8"),
+])
+def test_flags_the_export_would_ignore_are_refused(tmp_path, capsys, monkeypatch, args, message):
+    """issue 31 item 7: --name/--version with an artifact format and calibration flags without int8 were
+    silently ignored; now one line and exit 2, before any export starts."""
+    def reached(*args, **kwargs):
+        raise AssertionError("the export started")
+
+    monkeypatch.setattr(export, "export_artifact", reached)
+    monkeypatch.setattr(export, "export_saved_model", reached)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--run", str(tmp_path / "run"), "--output", str(tmp_path / "o"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt, quantize", [("onnx", "none"), ("litert", "int8")])
 def test_predict_runs_an_artifact_like_the_run(trained, fmt, quantize):
