@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import tensorflow as tf
 
@@ -225,7 +226,23 @@ def _cache_path(prefix, split, image_size, resize_mode, training, pipeline_id, n
     return f"{os.fspath(prefix)}-{name}"
 
 
-def claim_file_cache(prefix, log=print):
+# The sizing part of `_cache_path`'s names, and TensorFlow's files for a cache file NAME: NAME.index and
+# NAME.data-00000-of-00001 once complete; while being filled, NAME_0.lockfile and
+# NAME_0.data-00000-of-00001.tempstate123... (left behind by a killed run).
+_CACHE_SIZING = r"(?:full|\d+x\d+-(?:" + "|".join(RESIZE_MODES) + r"))"
+_CACHE_LEFTOVER = r"(?:_\d+)?(?:\.lockfile|\.data-\d+-of-\d+\.tempstate\d*)"
+
+
+def _cache_names(prefix, splits=None, tail=""):
+    """A regex of the file names `_cache_path` gives under `prefix` (followed by `tail`), and no others:
+    not those of a prefix that extends this one ("cs-fullres" beside "cs"). Splits: those given, else
+    any name without a hyphen."""
+    split = "|".join(re.escape(s) for s in splits) if splits else "[^-]+"
+    return re.compile(re.escape(os.path.basename(os.fspath(prefix))) + f"-(?:{split})-{_CACHE_SIZING}-(?:train|eval)"
+                      + r"-\d+of\d+" + tail)
+
+
+def claim_file_cache(prefix, log=print, splits=None):
     """Take the file cache under `prefix` for this process, and remove what a killed run left there.
 
     A run killed while it fills a `tf.data` file cache leaves TensorFlow's `.lockfile` (and a
@@ -234,6 +251,10 @@ def claim_file_cache(prefix, log=print):
     operating system drops it whatever way the process ends), so when the lock is free, no
     keras-seg run is filling these files and what is there is stale.
 
+    Only this prefix's own files are touched (`_cache_names`): another run's under a prefix that
+    extends this one ("cs-fullres" beside "cs") is held by that run's own lock. `splits`: the split
+    names the run caches (default: any).
+
     Returns the open lock file: keep it as long as the cache is in use. Raises ValueError when
     another live process holds the prefix.
     """
@@ -241,6 +262,7 @@ def claim_file_cache(prefix, log=print):
     import glob
 
     prefix = os.fspath(prefix)
+    leftover = _cache_names(prefix, splits, _CACHE_LEFTOVER)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     handle = open(f"{prefix}.keras_seg.lock", "a+")
     try:
@@ -249,7 +271,7 @@ def claim_file_cache(prefix, log=print):
         handle.close()
         raise ValueError(f"--cache {prefix}: another running process uses this cache prefix; choose another") from None
     for path in sorted(glob.glob(glob.escape(prefix) + "-*")):
-        if path.endswith(".lockfile") or ".tempstate" in path:
+        if leftover.fullmatch(os.path.basename(path)) and os.path.isfile(path):
             os.remove(path)
             log(f"removed {path}, left by an interrupted run")
     return handle
