@@ -311,6 +311,48 @@ def damaged_shard(data_dir, splits):
     return None
 
 
+def damaged_data(data_dir, splits, err, cache=None) -> str:
+    """After a read failed mid-run (`tf.errors.DataLossError`, or the `InternalError` of a truncated
+    cache file): one line saying what is damaged and how to mend it.
+
+    A file of this run's --cache named in the error: delete it (re-reading it, as --resume would,
+    meets the same damage; the next run fills the cache again from the shards). Else the first damaged
+    shard of `splits` (`damaged_shard`, which reads every shard). Else, when the shards read whole, the
+    prefix's cache files are the suspects, to delete; else the error's own first line. The caller adds
+    how to go on (--resume from the last checkpoint).
+    """
+    message = getattr(err, "message", None) or str(err)
+    first = re.sub(r"^\{\{[^}]*\}\}\s*", "", message.strip()).splitlines()[0] if message.strip() else type(err).__name__
+    caches = _cache_files(cache) if cache not in (None, "memory") else {}
+    named = [files for base, files in caches.items()
+             if re.search(r"(?<![\w-])" + re.escape(os.path.basename(base)) + r"(?![\w-])", message)]
+    if named:
+        paths = [path for files in named for path in files]
+        return (f"{', '.join(paths)}: a damaged --cache file ({first}): delete {'it' if len(paths) == 1 else 'them'} "
+                f"(the next run fills the cache again from {data_dir})")
+    found = damaged_shard(data_dir, splits)
+    if found is not None:
+        return found
+    if caches:
+        paths = [path for files in caches.values() for path in files]
+        return (f"reading {data_dir}: {first}; its shards read whole, so the damage is likely in the --cache {cache} "
+                f"files: delete {', '.join(paths)} (the next run fills the cache again)")
+    return f"reading {data_dir}: {first}"
+
+
+def _cache_files(prefix) -> dict:
+    """This prefix's finished cache files: {cache path without suffix: [its .index and .data files]}."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(prefix)))
+    finished = _cache_names(prefix, tail=r"(\.index|\.data-\d+-of-\d+)")
+    found = {}
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        match = finished.fullmatch(name)
+        if match:
+            base = os.path.join(directory, name[:match.start(1)])
+            found.setdefault(base, []).append(os.path.join(directory, name))
+    return found
+
+
 class _PipelineRecords:
     """The serialized records one input pipeline reads in one pass over the split.
 
