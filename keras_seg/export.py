@@ -522,6 +522,24 @@ def build_parser():
     return parser
 
 
+def score_command(run_dir, path, fmt, quantize) -> str:
+    """The `evaluate` command that scores an artifact, as a shell line that runs as written: on the run's own
+    data when its config.json names a directory that exists (else a DATA placeholder), into
+    RUN/evaluation/FORMAT[-QUANTIZE] (evaluate needs --output for an exported model)."""
+    import json
+    import shlex
+
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            data_dir = json.load(f).get("data")
+    except (OSError, ValueError):
+        data_dir = None
+    if not data_dir or not os.path.isdir(data_dir):
+        data_dir = "DATA"
+    output = os.path.join(run_dir, "evaluation", fmt if quantize == "none" else f"{fmt}-{quantize}")
+    return shlex.join(["python", "-m", "keras_seg.evaluate", "--model", path, "--data", data_dir, "--output", output])
+
+
 def flags_that_do_not_apply(args) -> list:
     """The flags given that this export would ignore, each with what it applies to."""
     ignored = []
@@ -556,7 +574,7 @@ def main(argv=None) -> int:
         except (ExportError, InferenceError, OSError) as err:
             parser.exit(2, f"error: {err}\n")
         print(f"wrote {path} and {os.path.join(os.path.dirname(path), 'labels.json')} (classes, contract, input "
-              f"and output)\nscore it: python -m keras_seg.evaluate --model {path} --data DIR")
+              f"and output)\nscore it: {score_command(args.run, path, args.format, args.quantize)}")
         return 0
     try:
         path = export_saved_model(args.run, args.output, args.name, args.version, args.overwrite,

@@ -5,7 +5,12 @@
 LiteRT model), giving logits [1, h, w, C], beside a `labels.json`. Each class here loads one such
 file with its runtime and gives logits for a batch of windows at that size; `artifact_segmenter`
 wraps it in the same contract code (`keras_seg.contract`) as a run or a SavedModel, so
-`evaluate --model` and `predict --model` score an artifact exactly as they score its run.
+`evaluate --model` and `predict --model` score an artifact with the same windows as its run, but
+for one case: a run whose contract has a `size_divisor` (every whole-image run trained since it was
+recorded) pads a whole image only to a multiple of the model's stride, while the artifact, of one
+fixed input, pads it up to that input (export's contract drops the divisor); images that fill the
+input (stretched ones) see the same pixels, smaller ones (lower `--tta` scales, keep_ratio) more
+padding, so their scores may differ.
 
 The runtimes are optional extras: a missing one is a one-line `InferenceError` naming the
 `pip install` that fixes it.

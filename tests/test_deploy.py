@@ -237,3 +237,26 @@ def test_predict_runs_an_artifact_like_the_run(trained, fmt, quantize):
     assert masks["run"] and list(masks["run"]) == list(masks[fmt])
     same = np.mean([np.all(masks["run"][p] == masks[fmt][p], axis=-1).mean() for p in masks["run"]])
     assert same >= (0.999 if quantize == "none" else 0.97), same
+
+
+def test_the_score_command_export_prints_runs_as_written(tmp_path, capsys):
+    """issue 31 item 11: export printed `evaluate --model PATH --data DIR`, which evaluate refuses (an exported
+    model needs --output). The printed line, run as it is, scores the artifact on the run's data."""
+    import shlex
+
+    data_dir = demo.write_demo_dataset(str(tmp_path / "my data"), splits={"train": 1, "val": 1}, size=INPUT_SIZE,
+                                       log=lambda _: None)
+    run = write_run(tmp_path / "my run")
+    config_path = os.path.join(run, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump(dict(config, data=data_dir), f)  # as training records it
+    assert export.main(["--run", run, "--format", "onnx", "--output", str(tmp_path / "deploy")]) == 0
+    printed = capsys.readouterr().out
+    [line] = [line for line in printed.splitlines() if line.startswith("score it: ")]
+    words = shlex.split(line[len("score it: "):])
+    assert words[:3] == ["python", "-m", "keras_seg.evaluate"]
+    assert evaluate.main(words[3:]) == 0
+    output = words[words.index("--output") + 1]
+    assert json.loads((tmp_path / output / "metrics.json").read_text())["images"] == 1
