@@ -58,7 +58,8 @@ class TrainConfig:
     epochs: int = 100
     time_budget: float = 0.0  # minutes, from process start to exit
     steps_per_epoch: int = 0  # 0: one pass over the training split (global batch x accumulate)
-    val_every: int = 0  # steps; 0: every epoch (epochs), a tenth of the run (iters, time_budget)
+    val_every: int = 0  # steps; 0: every epoch (epochs), a tenth of the run (iters), spaced in time (time_budget)
+    val_share: float = 0.1  # time_budget: the most of it that validations during the run may take
     checkpoint_every: int = 0  # steps; 0: with every validation
     steps_per_call: int = 10  # steps run in one call of the compiled loop
     # --- batch
@@ -212,6 +213,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check_number(config, "learning_rate", 0, above=True)
     _check_number(config, "poly_power", 0, above=True)
     _check_number(config, "plateau_factor", 0, above=True)
+    if not 0 <= config.val_share < 1:
+        raise ConfigError(f"--val-share must be in [0, 1) (a share of the time budget), got {config.val_share}")
     if config.plateau_factor >= 1:
         raise ConfigError(f"--plateau-factor must be < 1 (it cuts the learning rate), got {config.plateau_factor}")
     if config.final_lr_ratio is not None:

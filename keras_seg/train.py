@@ -30,7 +30,7 @@ from keras_seg.recipes import RECIPES, get_recipe  # noqa: E402
 
 # Settings a resumed run may change: they decide how long it runs and what it reports, not what
 # it computes on the way. Every other setting is refused with --resume (the run continues as recorded).
-RESUMABLE = ("iters", "epochs", "time_budget", "val_every", "checkpoint_every", "steps_per_call")
+RESUMABLE = ("iters", "epochs", "time_budget", "val_every", "val_share", "checkpoint_every", "steps_per_call")
 LENGTH_KEYS = ("iters", "epochs", "time_budget")
 
 
@@ -86,6 +86,9 @@ def build_parser():
     length.add_argument("--steps-per-epoch", type=int, help="0: one pass over the training split")
     length.add_argument("--val-every", type=int, metavar="STEPS",
                         help="validate every this many steps (default: every epoch with --epochs, else 10 times a run)")
+    length.add_argument("--val-share", type=float, metavar="SHARE",
+                        help="time budget: the most of it that validations during the run may take (default 0.1); "
+                             "on a slow machine fewer validations, or a part of the val split")
     length.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="default: with every validation")
     length.add_argument("--steps-per-call", type=int, help="steps run by one call of the compiled loop")
     length.add_argument("--time-limit", type=float, help=argparse.SUPPRESS)  # retired: a clear error
@@ -384,7 +387,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
 
-    from keras_seg.trainer import Trainer
+    from keras_seg.training.trainer import Trainer
 
     signal.signal(signal.SIGTERM, _interrupt)  # a preempted job checkpoints as on Ctrl-C
     try:

@@ -9,7 +9,8 @@ import tensorflow as tf
 from keras_seg import losses
 from keras_seg.models.presets import build_model
 from keras_seg.replicas import accumulation_totals, global_batch_loss
-from keras_seg.trainer import Trainer
+from keras_seg.training.step import make_train_steps
+from keras_seg.training.trainer import Trainer
 
 from test_train import make_config, tiny_data  # noqa: F401 (fixture)
 
@@ -35,8 +36,8 @@ def _one_step(data, output, batch, accumulate, images, masks):
                          "--learning-rate", "0.5", "--warmup-iters", "0", "--clipnorm", "0", "--loss", "ce+dice",
                          "--class-weights", ",".join(str(0.5 + 0.1 * c) for c in range(CLASSES)), "--no-export")
     trainer = Trainer(config, log=lambda _: None)
-    trainer._build()
-    train_steps, _ = trainer._make_steps()
+    state = trainer.build()
+    train_steps = make_train_steps(state, config, trainer.strategy)
     # The trainer's global batch is examples_per_step (4) whatever the micro-batch.
     dataset = tf.data.Dataset.from_tensors((images, masks))
     iterator = iter(trainer.strategy.experimental_distribute_dataset(dataset))

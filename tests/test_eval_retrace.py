@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from keras_seg import inference
-from keras_seg.trainer import Trainer
+from keras_seg.training.step import make_eval_step
+from keras_seg.training.trainer import Trainer
 
 from test_train import make_config, tiny_data  # noqa: F401 (fixture)
 
@@ -26,8 +27,8 @@ def test_validation_on_six_image_sizes_traces_at_most_twice(tiny_data, tmp_path,
     strategy = ["--strategy", "mirrored", "--devices", "2"] if replicas == 2 else []
     config = make_config(tiny_data, tmp_path / "run", "--iters", "1", "--no-export", *strategy)
     trainer = Trainer(config, log=lambda _: None)
-    trainer._build()
-    _, eval_step = trainer._make_steps()
+    state = trainer.build()
+    eval_step = make_eval_step(state, config, trainer.strategy, trainer.shape.num_classes)
     # As the trainer's validation stream: images of several sizes go one per replica.
     dataset = tf.data.Dataset.from_generator(
         lambda: _batches(SIZES, per_batch=replicas),
@@ -37,7 +38,7 @@ def test_validation_on_six_image_sizes_traces_at_most_twice(tiny_data, tmp_path,
         eval_step(batch)
     assert eval_step.experimental_get_tracing_count() <= 2
     # Every image was scored at its own size: the confusion matrix counts each pixel once.
-    counted = float(np.sum(trainer.val_iou.counts.numpy()))
+    counted = float(np.sum(state.val_iou.counts.numpy()))
     assert counted == replicas * sum(h * w for h, w in SIZES)
 
 
@@ -45,10 +46,10 @@ def test_evaluate_scoring_on_six_image_sizes_traces_once(tiny_data, tmp_path):  
     """evaluate's path (`Segmenter.probabilities` of a run) follows one traced contract for every size."""
     config = make_config(tiny_data, tmp_path / "run", "--iters", "1", "--no-export")
     trainer = Trainer(config, log=lambda _: None)
-    trainer._build()
-    info = {"num_classes": 19, "class_names": trainer.class_names, "class_colors": [[0, 0, 0]] * 19,
+    state = trainer.build()
+    info = {"num_classes": 19, "class_names": trainer.shape.class_names, "class_colors": [[0, 0, 0]] * 19,
             "inference": config.inference}
-    segmenter = inference.segmenter_from_model(trainer.inference_model, info)
+    segmenter = inference.segmenter_from_model(state.inference_model, info)
     for images, _ in _batches(SIZES):
         probabilities = segmenter.probabilities(np.rint(images.numpy() * 255).astype(np.uint8))
         assert probabilities.shape[1:3] == images.shape[1:3]

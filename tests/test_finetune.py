@@ -14,7 +14,9 @@ import tensorflow as tf
 
 from keras_seg import train as train_cli
 from keras_seg.models.presets import build_model
-from keras_seg.trainer import Trainer
+from keras_seg.training import setup
+from keras_seg.training.step import make_train_steps
+from keras_seg.training.trainer import Trainer
 
 from test_train import REPO, tiny_data  # noqa: F401 (fixture)
 from tiny_run import write_run
@@ -172,8 +174,8 @@ def test_auxiliary_head_trains_and_stays_out_of_the_saved_model(tiny_data, tmp_p
                          "encoder=mobilenetv3large", "--model-arg", "output_stride=32", "--iters", "1",
                          "--init-from", str(tmp_path / "dl"))
     follower = Trainer(config, log=quiet)
-    follower._build()
-    follower._init_from(config.init_from)
+    follower.build()
+    follower.load_initial_weights(config.init_from)
     assert len(follower.model.get_weights()) == len(saved.get_weights())
     for a, b in zip(follower.model.get_weights(), saved.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -191,16 +193,16 @@ def test_auxiliary_loss_enters_the_step_at_its_weight(tiny_data, tmp_path):  # n
                          "sgd", "--learning-rate", "0.05", "--schedule", "constant", "--warmup-iters", "0",
                          "--weight-decay", "0", "--clipnorm", "0")
     trainer = Trainer(config, log=quiet)
-    trainer._build()
-    trainer._datasets(0)
-    train_steps, _ = trainer._make_steps()
+    state = trainer.build()
+    datasets = setup.build_datasets(config, trainer.shape, trainer.strategy, 0)
+    train_steps = make_train_steps(state, config, trainer.strategy)
     model = trainer.train_model
-    images, masks = next(iter(trainer.train_data))
+    images, masks = next(iter(datasets.train))
     start = model.get_weights()
     classifier = model.get_layer("aux_scores").kernel
     with tf.GradientTape(persistent=True) as tape:
         logits, aux_logits = model(images, training=True)
-        main, aux = trainer.loss_fn(masks, logits), trainer.loss_fn(masks, aux_logits)
+        main, aux = state.loss_fn(masks, logits), state.loss_fn(masks, aux_logits)
     aux_gradient = tape.gradient(aux, classifier).numpy()
     assert tape.gradient(main, classifier) is None  # the main loss does not reach it
     before = classifier.numpy()
@@ -210,7 +212,7 @@ def test_auxiliary_loss_enters_the_step_at_its_weight(tiny_data, tmp_path):  # n
     assert trainer.aux_weight == 0.4
     assert loss == pytest.approx(float(main) + 0.4 * float(aux), rel=1e-5)
     # The preset's SGD recipe scales the rate to the batch: 0.05 x 4 / 8.
-    assert trainer.learning_rate == pytest.approx(0.025)
+    assert trainer.shape.learning_rate == pytest.approx(0.025)
     expected = -0.025 * 0.4 * aux_gradient
     assert np.abs(expected).max() > 1e-6
     np.testing.assert_allclose(classifier.numpy() - before, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())

@@ -21,5 +21,5 @@ def test_a_jit_run_reaches_the_weights_of_the_run_without_xla(tiny_data, tmp_pat
     for a, b in zip(weights["--no-jit"], weights["--jit"], strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     initial = Trainer(config, log=lines.append)
-    initial._build()  # the same seed's initial weights: the runs moved away from them
+    initial.build()  # the same seed's initial weights: the runs moved away from them
     assert max(np.abs(w - w0).max() for w, w0 in zip(weights["--jit"], initial.model.get_weights())) > 1e-3

@@ -207,22 +207,18 @@ def test_accumulating_two_batches_equals_one_batch_of_twice_the_size(tiny_data, 
 SLOWED_TRAIN = """
 import sys, time
 from keras_seg import train
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 
-started, original = time.time(), Trainer._make_steps
+started, original = time.time(), Trainer.train
 
-def slowed(self):
-    train_steps, eval_step = original(self)
+def slowed(self, steps):
+    t = time.perf_counter()
+    loss = original(self, steps)
+    if time.time() - started > 20:  # from then on every step takes twice as long
+        time.sleep(time.perf_counter() - t)
+    return loss
 
-    def slow_train_steps(iterator, steps):
-        t = time.perf_counter()
-        loss = train_steps(iterator, steps)
-        if time.time() - started > 20:  # from then on every step takes twice as long
-            time.sleep(time.perf_counter() - t)
-        return loss
-    return slow_train_steps, eval_step
-
-Trainer._make_steps = slowed
+Trainer.train = slowed
 train.command(sys.argv[1:])
 """
 
@@ -254,7 +250,7 @@ def test_the_training_iterator_outlives_its_run_until_the_next(tiny_data, pass_d
     """Deleting it can wait up to a minute for tf.data's autotuning thread: a run keeps it past its
     end (the command line then exits without deleting it), and the next run in the process drops it;
     not with a file cache, whose partial files TensorFlow removes when the iterator goes."""
-    from keras_seg import trainer as trainer_module
+    from keras_seg.training import trainer as trainer_module
 
     first = Trainer(make_config(tiny_data, tmp_path / "a", "--iters", "2", "--no-export"), log=quiet)
     first.run()

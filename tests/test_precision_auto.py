@@ -43,9 +43,10 @@ def test_the_rule_on_each_kind_of_cpu(monkeypatch, tmp_path, flags, kind, policy
 
 
 def _fake_trainer(time_budget=0.0, fixed_steps=None, resume=False, resolved=None, strategy=None):
-    config = SimpleNamespace(time_budget=time_budget, resume=resume, resolved=resolved or {})
+    config = SimpleNamespace(time_budget=time_budget, resume=resume, resolved=resolved or {}, iters=fixed_steps or 0,
+                             epochs=0)
     return SimpleNamespace(config=config, strategy=strategy or tf.distribute.get_strategy(),
-                           _fixed_total=lambda: fixed_steps)
+                           shape=SimpleNamespace(steps_per_epoch=1))
 
 
 def _timer(seconds, calls):

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_seg.budget import TimeBudget
+from keras_seg.training.cadence import BudgetPlanner
 from keras_seg.config import TrainConfig
-from keras_seg.schedules import WarmupDecaySchedule
-from keras_seg.trainer import build_optimizer
+from keras_seg.training.schedules import WarmupDecaySchedule
+from keras_seg.training.step import build_optimizer
 from test_train import read_history, tiny_data  # noqa: F401 (fixture)
 
 
@@ -95,38 +95,92 @@ class FakeClock:
         return self.now
 
 
-def test_budget_plan_fills_the_time_left_and_follows_a_slowdown():
+def _planner(clock, **kwargs):
+    """1,000 s to the deadline, validations' share 10% (100 s), a val split of 10 batches of 8."""
+    values = dict(val_examples=80, examples_per_step=8, val_batches=10, clock=clock, margin=0.0)
+    values.update(kwargs)
+    return BudgetPlanner(1000.0, 1000.0, **values)
+
+
+def test_training_time_is_what_the_final_phase_and_the_validations_leave():
     clock = FakeClock()
-    budget = TimeBudget(deadline=1000.0, clock=clock, margin=0.0, window=45.0)
-    budget.record_save(1.0)
-    budget.record_validation(5.0)
+    planner = _planner(clock)
+    planner.record_save(1.0)
+    planner.record_probe([2.5, 0.5, 0.5])  # the first batch traces (2 s), a batch takes 0.5 s
     clock.now = 100.0
-    budget.record_steps(10, 10.0)  # 1 s a step
-    # 900 s left - final (5 s validation + 2 saves + export max(4, 6 x 1 s) + 0.3 s exit) - 3 validations
-    # x 5 s = 871.7: 871 whole steps of 1 s
-    assert budget.final_seconds(0.0) == pytest.approx(5 + 2 + 6 + 0.3)
-    assert budget.plan(step=10, validations_left=3) == 10 + 871
-    clock.now = 200.0 + 3 * 45  # long after: the window holds only the recent, slower chunks
-    for _ in range(3):
-        budget.record_steps(10, 20.0)
-    assert budget.seconds_per_step == pytest.approx(2.0)
-    left = 1000.0 - clock.now - 13.3 - 3 * 5
-    assert budget.plan(step=40, validations_left=3) == 40 + int(left // 2)
+    planner.record_steps(10, 10.0)  # 1 s a step
+    # final: validation 5 + 2 saves + export max(6 saves, 1.5 traces = 3) + report (5 + 1) + exit 0.3
+    assert planner.trace_seconds == pytest.approx(2.0)
+    assert planner.final_seconds() == pytest.approx(5 + 2 + 6 + 6 + 0.3)
+    # a validation with its saves: 5 + 2; 100 s of share hold 14, the 9 wanted before the final one
+    assert planner.validations_left() == 9
+    assert planner.training_seconds_left() == pytest.approx(1000 - 100 - 19.3 - 9 * 7)
+    assert planner.planned_steps(10) == 10 + int((1000 - 100 - 19.3 - 9 * 7) // 1.0)
+    # the share spent: fewer validations fit
+    planner.record_validation(5.0, saves_seconds=2.0)
+    planner.record_validation(40.0, saves_seconds=2.0)  # one 8x slower: the median of a batch holds
+    assert planner.full_validation_seconds() == pytest.approx(5.0)
+    assert planner.validations_left() == (100 - 49) // 7  # 7, under the 7 still wanted
 
 
-def test_budget_final_phase_sizes_the_export_by_the_measured_trace_and_adds_the_report():
-    """The export costs 1.5 traces of the evaluation step (the first validation over a later one)
-    once both are measured, 4 s before; the report a validation and 1 s of drawing."""
-    budget = TimeBudget(deadline=1000.0, clock=FakeClock(), report=True)
-    budget.record_save(0.1)
-    budget.record_first_validation(2.5)
-    # the first validation is no measure of the others: the caller's estimate (0.7 s) stands for
-    # them; + 2 saves + export 4 s + report (0.7 + 1) + exit 0.3
-    assert budget.final_seconds(0.7) == pytest.approx(0.7 + 0.2 + 4 + 1.7 + 0.3)
-    budget.record_validation(0.5)  # the trace took 2 s: the export 3 s
-    assert budget.final_seconds(0.0) == pytest.approx(0.5 + 0.2 + 3 + 1.5 + 0.3)
-    budget.record_save(1.0)  # six saves outweigh the trace
-    assert budget.final_seconds(0.0) == pytest.approx(0.5 + 2 + 6 + 1.5 + 0.3)
+def test_the_final_phase_sizes_the_export_by_the_probed_trace_and_adds_the_report():
+    """The export costs 1.5 traces of the evaluation step once the probe measured one, 4 s before;
+    six saves where they take longer; the report a validation and 1 s of drawing."""
+    clock = FakeClock()
+    planner = _planner(clock)
+    planner.record_save(0.1)
+    planner.record_steps(1, 0.3)  # before the probe: a validation is guessed at a third of the steps it holds
+    guess = 10 * 0.3 / 3
+    assert planner.final_seconds() == pytest.approx(guess + 0.2 + 4 + guess + 1 + 0.3)
+    planner.record_probe([2.2, 0.05, 0.05])  # a 2.15 s trace: the export 3.225 s
+    assert planner.final_seconds() == pytest.approx(0.5 + 0.2 + 1.5 * 2.15 + 1.5 + 0.3)
+    planner.record_save(1.0)  # six saves outweigh the trace
+    assert planner.final_seconds() == pytest.approx(0.5 + 2 + 6 + 1.5 + 0.3)
+
+
+def test_progress_follows_training_time_and_a_slow_chunk_bends_it_without_a_jump():
+    """Steady chunks: progress is the training time spent over the training time left at the start.
+    A chunk twice as slow as planned leaves the progress where its steps took it (no jump), and the
+    rest of the decay is spread over the time then left, ending when it does."""
+    clock = FakeClock()
+    planner = _planner(clock, export=False, report=False, validation_share=0.0)
+    planner.record_save(0.0)
+    planner.record_probe([0.0, 0.0])  # validations cost nothing: every second left is training time
+    clock.now = 10.0
+    planner.record_steps(10, 10.0)  # measured: 1 s a step; the first measured chunk's steps decay nothing
+    left = planner.training_seconds_left()
+    assert left == pytest.approx(1000 - 10 - 0.3)  # the exit
+    start, per_step, cap = planner.segment(10, 10)
+    assert (start, per_step, cap) == (0.0, pytest.approx(1 / left), pytest.approx(10 / left))
+    clock.now += 10.0
+    planner.record_steps(10, 10.0)
+    assert planner.progress == pytest.approx(10 / left)
+    start, per_step, cap = planner.segment(10, 10)
+    assert start == pytest.approx(10 / left) and per_step == pytest.approx((1 - start) / (left - 10))
+    clock.now += 20.0  # twice as slow: the steps were given 10 steps' worth, and that is where it stays
+    planner.record_steps(10, 20.0)
+    assert planner.progress == pytest.approx(cap)
+    start, per_step, _ = planner.segment(10, 10)
+    remaining = left - 30
+    assert per_step == pytest.approx((1 - cap) * planner.seconds_per_step / remaining)
+    # the last chunk: the one that uses up the time left ends the decay at its last step
+    clock.now = 1000 - 0.3 - 5.0
+    start, per_step, cap = planner.segment(5, 5)
+    assert cap == pytest.approx(1.0) and start + 5 * per_step == pytest.approx(1.0)
+
+
+def test_a_val_split_too_slow_for_the_share_is_validated_in_part():
+    """10 batches of 30 s: 300 s a validation, over the 100 s share: the first 3 batches (90 s)."""
+    clock = FakeClock()
+    planner = _planner(clock)
+    planner.record_probe([40.0, 30.0, 30.0])
+    planner.record_save(0.0)
+    assert planner.choose_val_batches() == 3
+    assert planner.validation_estimate() == pytest.approx(90.0)
+    planner.record_validation(90.0)
+    assert planner.choose_val_batches() == 3  # a fixed part: the same batches every time
+    planner.record_save(6.0)  # a validation's two saves take 12 s of the share: 2 batches fit
+    assert planner.choose_val_batches() == 2
 
 
 def test_a_warmup_longer_than_the_planned_run_is_capped_at_half_of_it():
