@@ -8,8 +8,22 @@ without importing TensorFlow until a name that needs it is used.
 """
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
+
+# TensorFlow's oneDNN kernels, on before TensorFlow is imported (the variable is read then). TF 2.21
+# turns them on by itself only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX; on an AVX2-only
+# AMD Zen 3 the trainer's step took 1.9x as long without them (docs/performance.md). A value the
+# user set wins; `keras_seg.distribute.onednn_state` says what the run got.
+if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
+    ONEDNN_SOURCE = "environment"
+elif "tensorflow" in sys.modules:
+    ONEDNN_SOURCE = "tensorflow"  # imported first: it has read the variable already, unset
+else:
+    ONEDNN_SOURCE = "keras_seg"
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
 
 # public name -> module that defines it
 _EXPORTS = {

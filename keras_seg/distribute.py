@@ -28,6 +28,17 @@ def cpu_bfloat16(cpuinfo="/proc/cpuinfo") -> str | None:
     return "avx512_bf16" if "avx512_bf16" in flags else None
 
 
+def onednn_state() -> dict:
+    """Whether TensorFlow's oneDNN kernels are on in this process, and why (for config.json and the log)."""
+    import keras_seg
+    from tensorflow.python.util import _pywrap_util_port
+
+    why = {"keras_seg": "TF_ENABLE_ONEDNN_OPTS=1, keras-seg's default",
+           "environment": f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')} in the environment",
+           "tensorflow": "TensorFlow's own choice for this CPU: it was imported before keras_seg"}
+    return {"enabled": bool(_pywrap_util_port.IsMklEnabled()), "why": why[keras_seg.ONEDNN_SOURCE]}
+
+
 def choose_precision(name: str, gpus=None) -> tuple:
     """Resolve `--precision`: returns (policy, why), the why for the run's log.
 

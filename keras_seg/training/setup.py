@@ -18,6 +18,7 @@ from keras_seg import augment, data, finetune, losses, metrics, tfrecord
 from keras_seg.config import TrainConfig
 from keras_seg.models import presets
 from keras_seg.training import schedules
+from keras_seg.training.step import build_optimizer
 
 # The schedule's end before a time-budget run has planned its length (the decay has not begun).
 UNPLANNED = 2**40
@@ -42,8 +43,9 @@ class RunShape:
         return int(self.info["splits"][self.val_split]["num_examples"])
 
 
-def describe_run(config: TrainConfig, replicas: int) -> RunShape:
-    info = tfrecord.load_dataset_info(config.data)
+def describe_run(config: TrainConfig, replicas: int, info=None) -> RunShape:
+    """The run's numbers from its config and its data's dataset_info.json (`info`: that dict, given)."""
+    info = tfrecord.load_dataset_info(config.data) if info is None else info
     global_batch = config.batch_size * replicas
     examples_per_step = global_batch * config.accumulate
     train_examples = int(info["splits"]["train"]["num_examples"])
@@ -139,8 +141,6 @@ def build_state(config: TrainConfig, shape: RunShape, strategy, precision: str, 
                 log=print) -> RunState:
     """Everything a run's step and checkpoint need, from the config's seed (the same initial weights
     for the same seed). `total_steps` None: a time budget, planned later."""
-    from keras_seg.training.step import build_optimizer
-
     keras.utils.set_random_seed(config.seed)
     warmup = warmup_steps(config, shape, total_steps, log)
     with strategy.scope():

@@ -191,6 +191,8 @@ class Trainer(loop.Hooks):
                  f"{shape.global_batch}" + (f" x{config.accumulate} accumulated" if config.accumulate > 1 else "")
                  + f", {shape.steps_per_epoch} steps/epoch, {length}")
         self.log(f"precision {self.precision}: {self.precision_reason}")
+        onednn = distribute.onednn_state()
+        self.log(f"oneDNN {'on' if onednn['enabled'] else 'off'} ({onednn['why']})")
         if config.scale_lr_to_batch:
             self.log(f"learning rate scaled to the batch: {config.learning_rate:g} x {shape.examples_per_step}/"
                      f"{config.scale_lr_to_batch} = {shape.learning_rate:g}")
@@ -351,7 +353,7 @@ class Trainer(loop.Hooks):
                            "replicas": shape.replicas, "global_batch_size": shape.global_batch,
                            "examples_per_step": shape.examples_per_step, "steps_per_epoch": shape.steps_per_epoch,
                            "learning_rate": shape.learning_rate, "total_steps": self.total_steps,
-                           "warmup_steps": self.state.schedule.warmup_steps}
+                           "warmup_steps": self.state.schedule.warmup_steps, "onednn": distribute.onednn_state()}
         outputs.write_config(self.run_dir, config, config.data)
 
     def _finish(self, planner):
