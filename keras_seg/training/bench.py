@@ -32,18 +32,21 @@ def batch_info(masks, num_classes: int, examples: int = 1000) -> dict:
 class FixedBatchStep:
     """`step(n=1)`: n of the run's optimizer steps on the batch; returns their mean loss (waits for it)."""
 
-    def __init__(self, config, images, masks, num_classes: int, precision: str = "float32", strategy=None):
+    def __init__(self, config, images, masks, num_classes: int, precision: str = "float32", strategy=None,
+                 info=None):
         import keras
 
         keras.mixed_precision.set_dtype_policy(precision)
         self.strategy = strategy or distribute.choose_strategy("one")
         self.shape = setup.describe_run(config, self.strategy.num_replicas_in_sync,
-                                        info=batch_info(masks, num_classes))
+                                        info=info or batch_info(masks, num_classes))
         self.state = setup.build_state(config, self.shape, self.strategy, precision,
                                        setup.fixed_total(config, self.shape) or 10**9, log=lambda *_: None)
         self.train_steps = make_train_steps(self.state, config, self.strategy, log=lambda *_: None)
         batch = (tf.constant(images, tf.float32), tf.constant(masks, tf.uint8))
-        dataset = tf.data.Dataset.from_tensors(batch).repeat()
+        options = tf.data.Options()
+        options.autotune.enabled = False  # nothing to tune; and its iterator deletes at once
+        dataset = tf.data.Dataset.from_tensors(batch).repeat().with_options(options)
         self.iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
 
     @property
