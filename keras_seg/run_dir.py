@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 
-import keras
 import numpy as np
 
 from keras_seg.files import publish, temp_path_beside, write_json_atomically, write_text_atomically
@@ -41,6 +40,8 @@ class RunDir:
 
 def save_model_atomically(model, path):
     """`model.save` to a temporary file beside `path`, then rename: `path` is never half-written."""
+    import keras
+
     tmp = temp_path_beside(path, suffix=".keras")  # Keras wants the .keras suffix
     # Synchronized batch norm is how several replicas train, not part of the model: saved, it makes
     # the file load only on TensorFlow (JAX and torch have no such layer option).
@@ -86,11 +87,50 @@ class History:
         self._file.close()
 
 
+def publish_best(run_dir: RunDir, model, step, epoch, result, table):
+    """best.keras and the metrics of the validation that made it best, as one unit (`write_best`)."""
+    save_model_atomically(model, run_dir.best_model)
+    write_best(run_dir, step, epoch, result, table)
+
+
 def write_best(run_dir: RunDir, step, epoch, result, table):
-    """The best validation's per-class table and every metric (NaN, for a class absent from the data, as null)."""
-    write_text_atomically(run_dir.best_table, f"best: step {step} (epoch {epoch:.2f})\n{table}\n")
+    """The best validation's per-class table and every metric (NaN, for a class absent from the data, as null),
+    bound to the best.keras they describe, which must be written first.
+
+    Model and metrics are two files, each replaced atomically: a process killed between the two leaves
+    the new model beside the previous metrics. The metrics carry the SHA-256 of the model file's bytes
+    (`model_sha256`), so `read_best` tells metrics of another best.keras from its own and never
+    passes them off as its own. (Writing both into a temporary folder swapped in whole would change the
+    run directory's layout, which evaluate, export and people read.)"""
+    model_sha256 = file_sha256(run_dir.best_model)
     summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
-    write_json_atomically(run_dir.best_metrics, {"step": step, "epoch": epoch, **summary})  # NaN -> null
+    write_json_atomically(run_dir.best_metrics, {"step": step, "epoch": epoch, "model_sha256": model_sha256,
+                                                 **summary})  # NaN -> null
+    write_text_atomically(run_dir.best_table, f"best: step {step} (epoch {epoch:.2f}), best.keras SHA-256 "
+                                              f"{model_sha256[:16]}\n{table}\n")
+
+
+def read_best(run_dir: RunDir):
+    """(best_metrics.json's dict, None) when it describes the run's best.keras, else (None, why in a phrase).
+
+    Metrics written before they were bound to their model (no `model_sha256`) are taken as they are,
+    as are metrics whose best.keras was removed (nothing there to mismatch)."""
+    if not os.path.exists(run_dir.best_metrics):
+        return None, "no best_metrics.json"
+    best = read_json(run_dir.best_metrics)
+    recorded = best.get("model_sha256")
+    if recorded and os.path.exists(run_dir.best_model) and recorded != file_sha256(run_dir.best_model):
+        return None, (f"{run_dir.best_metrics} describes an earlier best.keras (the run was stopped between "
+                      "writing the two): its metrics are not shown")
+    return best, None
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path):

@@ -55,9 +55,10 @@ def run_body(run, summary, scores) -> str:
     config, resolved, info = run.config, run.config.get("resolved", {}), run.info
     splits = ", ".join(f"{name} {s.get('num_examples', '?')} images" for name, s in info.get("splits", {}).items())
     best = run.best
-    best_text = "no validation yet"
+    best_text = P.esc(run.best_note) if run.best_note else "no validation yet"
     if best:
-        best_text = f"<b>{P.percent(best['miou'])}</b> mIoU ({len(run.class_names)} classes) at step {best['step']}"
+        best_text = (f"<b>{P.percent(best['miou'])}</b> mIoU ({len(run.class_names)} classes) at step "
+                     f"{P.esc(best['step'])}")
         if best.get("category_miou") is not None:
             best_text += f"; category mIoU {P.percent(best['category_miou'])} (Cityscapes' 7 categories)"
     last_step = run.history[-1]["step"] if run.history else None
@@ -76,10 +77,10 @@ def run_body(run, summary, scores) -> str:
                  ("preset", P.esc(config.get("preset")) + (f" + recipe {P.esc(config['recipe'])}"
                                                           if config.get("recipe") else "")),
                  ("data", f"{P.esc(config.get('data'))} ({P.esc(info.get('source', '?'))}, "
-                          f"{info.get('num_classes')} classes): {P.esc(splits)}"),
-                 ("precision, device", f"{P.esc(resolved.get('precision', '?'))}, strategy "
-                                       f"{P.esc(resolved.get('strategy', '?'))} x{resolved.get('replicas', '?')} "
-                                       f"replicas, global batch {resolved.get('global_batch_size', '?')}"),
+                          f"{P.esc(info.get('num_classes'))} classes): {P.esc(splits)}"),
+                 ("precision, device", P.esc(f"{resolved.get('precision', '?')}, strategy "
+                                             f"{resolved.get('strategy', '?')} x{resolved.get('replicas', '?')} "
+                                             f"replicas, global batch {resolved.get('global_batch_size', '?')}")),
                  ("steps", P.esc(steps)), ("wall time", P.esc(wall)), ("time budget", P.esc(budget)),
                  ("best", best_text)]),
              "<h2>Did it converge?</h2>", f'<p class="verdict">{P.esc(convergence(run))}</p>']
@@ -91,20 +92,21 @@ def run_body(run, summary, scores) -> str:
     if best:
         ious = best["per_class_iou"]
         shares = pixel_shares(summary["confusion_matrix"]) if summary is not None else None
-        parts.append(f'<p class="note">Per-class IoU of the best validation (step {best["step"]}, '
+        parts.append(f'<p class="note">Per-class IoU of the best validation (step {P.esc(best["step"])}, '
                      "best_metrics.json), best first, in each class's colour; beside each name its share of the "
                      "val pixels.</p>")
         parts.append(P.figure(charts.per_class_bars(run.class_names, ious, run.class_colors, shares)))
         parts.append(P.per_class_table(run.class_names, ious, shares))
     else:
-        parts.append('<p class="note">No validation yet: no per-class IoU.</p>')
+        parts.append(f'<p class="note">{P.esc(run.best_note) if run.best_note else "No validation yet"}: no '
+                     'per-class IoU.</p>')
     if summary is None:
         parts.append(f'<p class="note">Confusion matrix and sample images: {P.esc(scores)}.</p>')
     else:
         note = (f"best.keras scored again on the val split ({summary['images']} images, by its inference "
                 f"contract): mIoU {P.percent(summary['miou'])}")
         if best and abs(summary["miou"] - best["miou"]) > 5e-4:
-            note += f" (the validation at step {best['step']} measured {P.percent(best['miou'])})"
+            note += f" (the validation at step {P.esc(best['step'])} measured {P.percent(best['miou'])})"
         parts.append(f'<p class="note">{note}.</p>')
         parts += _scored_sections(summary, scores, run.class_names, run.class_colors,
                                   run.info.get("ignore_index", 255), per_class=False)
@@ -174,8 +176,9 @@ def comparison_body(runs, labels, scored, indices, first_scores) -> str:
                     f"<td>{P.esc(run.config.get('resolved', {}).get('precision', '?'))}</td>"
                     f'<td class="num">{run.history[-1]["step"] if run.history else 0}</td>'
                     f'<td class="num">{"-" if wall is None else f"{wall:.1f}"}</td>'
-                    f'<td class="num"><b>{P.percent(best.get("miou"))}</b></td><td class="num">{best.get("step", "-")}'
-                    f"</td><td>{P.esc(os.path.abspath(run.root))}</td></tr>")
+                    f'<td class="num"><b>{P.percent(best.get("miou"))}</b></td>'
+                    f'<td class="num">{P.esc(best.get("step", "-"))}</td>'
+                    f"<td>{P.esc(os.path.abspath(run.root))}</td></tr>")
     parts = ["<h1>Run comparison</h1>",
              "<table><tr><th>run</th><th>preset</th><th>precision</th><th>steps</th><th>wall min</th>"
              f"<th>best mIoU, %</th><th>at step</th><th>directory</th></tr>{''.join(rows)}</table>",

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from keras_seg.run_dir import RunDir, read_best
+
 HISTORY_NUMBERS = ("step", "epoch", "loss", "train_miou", "val_miou", "val_pixel_accuracy", "val_mean_dice",
                    "learning_rate", "seconds")
 
@@ -105,6 +107,7 @@ class Run:
     best: dict | None
     timing: dict | None
     has_best_model: bool
+    best_note: str | None = None  # why `best` is None though best_metrics.json exists
 
     @property
     def class_names(self) -> list:
@@ -129,12 +132,13 @@ def load_run(root, label=None) -> Run:
     info_path = os.path.join(root, "dataset_info.json")
     if not os.path.exists(info_path):
         raise ReportError(f"{root}: no dataset_info.json (the run stopped before it started training)")
-    best_path, timing_path = os.path.join(root, "best_metrics.json"), os.path.join(root, "timing.json")
+    timing_path = os.path.join(root, "timing.json")
+    best, why = read_best(RunDir(root))
     return Run(root=root, label=label or os.path.basename(os.path.normpath(root)), config=config,
                info=read_json(info_path), history=read_history(os.path.join(root, "history.csv")),
-               best=read_json(best_path) if os.path.exists(best_path) else None,
-               timing=read_json(timing_path) if os.path.exists(timing_path) else None,
-               has_best_model=os.path.exists(os.path.join(root, "best.keras")))
+               best=best, timing=read_json(timing_path) if os.path.exists(timing_path) else None,
+               has_best_model=os.path.exists(os.path.join(root, "best.keras")),
+               best_note=why if os.path.exists(os.path.join(root, "best_metrics.json")) else None)
 
 
 def score_run(run: Run, k=4, keep=(), batch_size=4):

@@ -104,7 +104,7 @@ def time_section(timing) -> str:
                   f'{TIME_COLORS[k]}"></div>' for k, v in parts)
     rows = "".join(f'<tr><td><span style="color:{TIME_COLORS[k]}">&#9632;</span> {esc(TIME_NAMES[k])}</td>'
                    f'<td class="num">{v:.1f}</td><td class="num">{100 * v / total:.1f}</td></tr>' for k, v in parts)
-    counts = f"{timing.get('steps', 0)} steps, {timing.get('validations', 0)} validations"
+    counts = esc(f"{timing.get('steps', 0)} steps, {timing.get('validations', 0)} validations")
     return (f'<div class="bar">{bar}</div><table><tr><th>where</th><th>seconds</th><th>%</th></tr>{rows}'
             f'<tr><th>this process, in all ({counts})</th><td class="num">{total:.1f}</td><td></td></tr></table>'
             '<p class="note">From timing.json, written by the trainer at each checkpoint and at the end (this '
