@@ -44,11 +44,14 @@ ENCODER_ARCHITECTURES = ("unet", "fcn", "deeplabv3plus")  # "unet" when it has a
 # keep their architecture (levels, activation, norm, up-sampling) at a quarter of the width, on
 # 64x128 inputs. On CPU-B in float32 it reached val mIoU 0.61 on 2 cores (docs/performance.md).
 DEMO_BUDGET = 6
-UNET_DEMO = {"model": {"base_filters": 16}, "image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16,
+# Its validations may take 5% of it, half a budget run's default share: a 6-minute run spends 85% of its
+# time after start-up in training steps even on a slow CPU (docs/performance.md, "The default command").
+DEMO_RUN = {"time_budget": DEMO_BUDGET, "val_share": 0.05}
+UNET_DEMO = {"model": {"base_filters": 16}, "image_size": (64, 128), **DEMO_RUN, "batch_size": 16,
              "learning_rate": 2e-3, "warmup_epochs": 0.5, "patience": 0, "cache": "memory"}
 
 # Over ImageNet encoders: the demo trains from random weights (nothing downloads), with Adam.
-ENCODER_DEMO = {"encoder_weights": None, "image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16,
+ENCODER_DEMO = {"encoder_weights": None, "image_size": (64, 128), **DEMO_RUN, "batch_size": 16,
                 "optimizer": "adamw", "learning_rate": 1e-3, "schedule": "cosine", "warmup_epochs": 0.5,
                 "scale_lr_to_batch": 0, "weight_decay": 1e-4, "clipnorm": 1.0, "patience": 0, "cache": "memory"}
 
@@ -109,7 +112,7 @@ PRESETS = {
         },
         "input_size": (128, 256),
         "train": CPU_BUDGET,
-        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0},
+        "demo": {"image_size": (64, 128), **DEMO_RUN, "batch_size": 16, "patience": 0},
     },
     "fcn8s": {
         "description": "FCN-8s over VGG16 with the paper's 4096-filter fc6 (7x7) and fc7",
@@ -118,7 +121,7 @@ PRESETS = {
         "input_size": (256, 512),
         "train": {"epochs": 100, "batch_size": 8, "learning_rate": 1e-4, "loss": "ce"},
         "demo": {"model": {"fc_filters": 256, "fc_kernel": 1}, "image_size": (64, 128),
-                 "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0, "cache": "memory"},
+                 **DEMO_RUN, "batch_size": 16, "patience": 0, "cache": "memory"},
     },
     "fcn_resnet50": {
         "description": "FCN-8s over ResNet-50 with a 512-filter 3x3 fc6 and 1x1 fc7",
@@ -126,7 +129,7 @@ PRESETS = {
                   "preprocessing": "caffe"},
         "input_size": (256, 512),
         "train": {"epochs": 100, "batch_size": 8, "learning_rate": 1e-4, "loss": "ce"},
-        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0,
+        "demo": {"image_size": (64, 128), **DEMO_RUN, "batch_size": 16, "patience": 0,
                  "cache": "memory"},
     },
     # Over ImageNet encoders (keras_seg.models.encoders). They train from "imagenet" weights by
@@ -186,7 +189,7 @@ PRESETS = {
         "model": {"architecture": "ddrnet", "aux_weight": 0.4},
         "input_size": (1024, 1024),
         "train": DDRNET_CITYSCAPES,
-        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0,
+        "demo": {"image_size": (64, 128), **DEMO_RUN, "batch_size": 16, "patience": 0,
                  "cache": "memory"},
     },
     # The real-time models on a CPU budget: unet_small's training (CPU_BUDGET) at 256x512, where their
@@ -196,14 +199,14 @@ PRESETS = {
         "model": {"architecture": "ddrnet", "aux_weight": 0.4},
         "input_size": (256, 512),
         "train": CPU_BUDGET,
-        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0},
+        "demo": {"image_size": (64, 128), **DEMO_RUN, "batch_size": 16, "patience": 0},
     },
     "lraspp_mobilenetv3_small_cpu": {
         "description": "LR-ASPP over MobileNetV3-Small from scratch on a 35-minute CPU budget at 256x512",
         "model": {"architecture": "lraspp", "encoder": "mobilenetv3small", "encoder_bn_momentum": 0.99},
         "input_size": (256, 512),
         "train": {**CPU_BUDGET, "encoder_weights": None},
-        "demo": {**ENCODER_DEMO, "time_budget": DEMO_BUDGET},
+        "demo": ENCODER_DEMO,
     },
     # ERFNet (issue 32; docs/models.md). "train" is the authors' Cityscapes recipe (Eromera/erfnet_pytorch,
     # train/main.py): Adam 5e-4 with weight decay 1e-4 added to the gradients (PyTorch's Adam: "l2"), poly 0.9
@@ -221,7 +224,7 @@ PRESETS = {
                   "epochs": 150, "batch_size": 6, "loss": "ce", "class_weights": "enet", "patience": 0,
                   "augment": {"flip_prob": 0.5, "scale_prob": 0.0, "rotation_prob": 0.0, "brightness_prob": 0.0,
                               "contrast_prob": 0.0, "saturation_prob": 0.0, "hue_prob": 0.0}},
-        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0,
+        "demo": {"image_size": (64, 128), **DEMO_RUN, "batch_size": 16, "patience": 0,
                  "cache": "memory"},
     },
     # At unet_small's 128x256, not the other real-time models' 256x512: ERFNet has 4.2x unet_small's
@@ -232,7 +235,7 @@ PRESETS = {
         "model": {"architecture": "erfnet"},
         "input_size": (128, 256),
         "train": CPU_BUDGET,
-        "demo": {"image_size": (64, 128), "time_budget": DEMO_BUDGET, "batch_size": 16, "patience": 0},
+        "demo": {"image_size": (64, 128), **DEMO_RUN, "batch_size": 16, "patience": 0},
     },
 }
 
