@@ -28,6 +28,13 @@ NOISE = re.compile("|".join([
     r"This TensorFlow binary is optimized to use available CPU instructions",
     r"^To enable the following instructions: .* rebuild TensorFlow",
     r"computation_placer\.cc.*already registered",
+    # While a training run goes (not at start-up): tf.distribute's per-device input iterator is a
+    # GeneratorDataset, which tf.data's graph rewrites cannot serialize; grappler leaves a while
+    # loop's merge with a control input unoptimized. Both are said of TensorFlow's own graphs.
+    r"^W\d{4} [\d:.]+\s+\d+ dataset\.cc:\d+\] Input of GeneratorDatasetOp::Dataset will not be optimized "
+    r"because the dataset does not implement the AsGraphDefInternal\(\) method needed to apply optimizations\.$",
+    r"^W\d{4} [\d:.]+\s+\d+ loop_optimizer\.cc:\d+\] Skipping loop optimization for Merge node with control "
+    r"input: \S+$",
 ]))
 
 
@@ -54,6 +61,85 @@ def native_stderr_filtered():
                     if not is_noise(line)]
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
+
+
+# The filter on file descriptor 2 while a run goes: a child process, so that what C++ writes just
+# before a crash (abort, a fatal check) still comes out once the parent is gone. It ignores Ctrl-C
+# and SIGTERM and ends when the last writer closes the pipe.
+_FILTER = r'''
+import os, re, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+noise = re.compile(sys.argv[1])
+pending = b""
+while True:
+    if pending and not select.select([0], [], [], 0.05)[0]:
+        os.write(2, pending)  # a line still being written (a progress bar): out, after a pause
+        pending = b""
+        continue
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    *lines, pending = re.split(rb"(?<=\n)", pending + chunk)
+    kept = b"".join(line for line in lines if not noise.search(line.decode("utf-8", "replace").rstrip("\r\n")))
+    if kept:
+        os.write(2, kept)
+if pending:
+    os.write(2, pending)
+'''
+
+
+@contextlib.contextmanager
+def native_stderr_filtered_while_running():
+    """Within the block, what C++ writes to stderr (file descriptor 2) passes through a filter process
+    that drops the notices in `NOISE` line by line and lets everything else through as it comes.
+
+    Python's own `sys.stderr`, when it is the process's stderr, keeps writing there directly (a progress
+    bar still sees a terminal). Leaving the block restores file descriptor 2 and waits for the filter
+    to pass on what it holds. Where no filter process can start, nothing is filtered."""
+    import subprocess
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    try:
+        child = subprocess.Popen([sys.executable, "-S", "-c", _FILTER, NOISE.pattern], stdin=read_end,
+                                 stdout=subprocess.DEVNULL, stderr=saved, close_fds=True)
+    except OSError:
+        child = None
+    finally:
+        os.close(read_end)
+    if child is None:
+        os.close(write_end)
+        os.close(saved)
+        yield
+        return
+    python_stderr = sys.stderr
+    direct = None
+    try:
+        if python_stderr.fileno() == 2:
+            direct = os.fdopen(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding,
+                               errors=python_stderr.errors)
+    except (AttributeError, OSError, ValueError):
+        pass  # not the process's stderr (a test's capture): it does not go through file descriptor 2
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    if direct is not None:
+        sys.stderr = direct
+    try:
+        yield
+    finally:
+        if direct is not None:
+            direct.flush()
+            sys.stderr = python_stderr
+            direct.close()
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer in this process: the filter reads to its end
+        os.close(saved)
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # a subprocess still holds the pipe: the filter ends with it
 
 
 def import_tensorflow():

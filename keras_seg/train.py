@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 
-from keras_seg.quiet import import_tensorflow
+from keras_seg.quiet import import_tensorflow, native_stderr_filtered_while_running
 
 import_tensorflow()  # before the imports below bring TensorFlow in: without its start-up noise
 
@@ -391,7 +391,8 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)  # a preempted job checkpoints as on Ctrl-C
     try:
-        summary = Trainer(config).run()
+        with native_stderr_filtered_while_running():  # TensorFlow's known notices while it runs, dropped
+            summary = Trainer(config).run()
     except ValueError as err:  # what the trainer finds wrong with the request (--devices, --cache, ...)
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:
