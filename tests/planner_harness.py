@@ -199,10 +199,26 @@ SCENARIOS = [
              validation_seconds=90.0, trace_seconds=2.0, start_up_seconds=10.0, warmup_steps=30),
     Scenario("the default command on a slow CPU (6 min)", budget_minutes=6.0, step_seconds=1.4, noise=0.3,
              validation_seconds=6.0, trace_seconds=3.0, start_up_seconds=40.0, val_examples=120,
-             examples_per_step=16, warmup_steps=30, save_seconds=0.3),
+             examples_per_step=16, warmup_steps=30, save_seconds=0.3, validation_share=0.05),
 ]
 
 
+def markdown_row(outcome: Outcome) -> str:
+    s = outcome.scenario
+    spent = sum(v[2] for v in outcome.validations)
+    return (f"| {s.name} | {s.budget_minutes:g} min, {s.step_seconds:g} s a step, validation {s.validation_seconds:g} s "
+            f"| {outcome.steps} | {100 * (outcome.end / outcome.budget - 1):+.1f}% | {len(outcome.validations)} "
+            f"({100 * spent / outcome.budget:.1f}%) | {outcome.final_batches or 'all'} "
+            f"| {worst_drop_ratio(outcome):.2f}x |")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--markdown" in sys.argv:
+        print("| scenario | budget, step, whole validation | steps | end vs budget | validations during the run "
+              "(share of the budget) | val batches | worst one-step fall of the rate / a straight line's |")
+        print("|---|---|---|---|---|---|---|")
     for scenario in SCENARIOS:
-        print(describe(simulate(scenario)))
+        outcome = simulate(scenario)
+        print(markdown_row(outcome) if "--markdown" in sys.argv else describe(outcome))
