@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from keras_seg import data, metrics, tfrecord, visualize
 from keras_seg.files import write_json_atomically
-from keras_seg.run_dir import RunDir, read_json, save_model_atomically, write_best
+from keras_seg.run_dir import RunDir, publish_best, read_best, save_model_atomically
 
 
 def write_config(run_dir: RunDir, config, data_dir: str):
@@ -75,13 +75,13 @@ def write_summaries(writer, step, row, result, class_names, pictures: SamplePict
 
 
 def save_best(run_dir: RunDir, model, step, epoch, result, class_names):
-    """best.keras and its metrics (best_metrics.json, best_per_class_iou.txt)."""
-    save_model_atomically(model, run_dir.best_model)
-    write_best(run_dir, step, epoch, result, metrics.format_table(result["confusion_matrix"], class_names))
+    """best.keras and its metrics (best_metrics.json, best_per_class_iou.txt), bound as one unit."""
+    publish_best(run_dir, model, step, epoch, result, metrics.format_table(result["confusion_matrix"], class_names))
 
 
 def best_summary(run_dir: RunDir) -> dict:
-    return read_json(run_dir.best_metrics) if os.path.exists(run_dir.best_metrics) else {}
+    best, _ = read_best(run_dir)
+    return best or {}
 
 
 def write_final_products(run_dir: RunDir, config, model, pictures: SamplePictures, log=print, timing=None,
@@ -131,11 +131,9 @@ def write_report(run_dir: RunDir, log=print):
 
 
 def damaged_data_error(err, config, val_split, latest_checkpoint):
-    """A one-line DatasetFormatError for a read that failed mid-run: the damaged shard (found by
-    scanning the shards now, only on error) and how to go on."""
-    found = data.damaged_shard(config.data, ["train", val_split])
-    if found is None:
-        found = f"reading {config.data}: {err.message.strip().splitlines()[0]}"
+    """A one-line DatasetFormatError for a read that failed mid-run: what is damaged (a --cache file, to
+    delete, or the damaged shard, found by scanning the shards now, only on error) and how to go on."""
+    found = data.damaged_data(config.data, ["train", val_split], err, cache=config.cache)
     if latest_checkpoint is None:
         then = "no checkpoint was saved yet: start the run again"
     else:

@@ -110,7 +110,7 @@ class Trainer(loop.Hooks):
         self._write_config()
         try:
             self.datasets = setup.build_datasets(config, shape, self.strategy, start_step, log=self.log)
-        except tf.errors.DataLossError as err:
+        except (tf.errors.DataLossError, tf.errors.InternalError) as err:
             raise self._damaged_data(err) from None
         self.train_steps = make_train_steps(state, config, self.strategy, log=self.log)
         self.eval_step = make_eval_step(state, config, self.strategy, shape.num_classes)
@@ -137,7 +137,7 @@ class Trainer(loop.Hooks):
         try:
             result = loop.run_loop(self, start_step, config.steps_per_call, cadence=checkpoints, planner=planner,
                                    total_steps=self.total_steps, timing=self.timing)
-        except tf.errors.DataLossError as err:  # a shard damaged on disk, met mid-run
+        except (tf.errors.DataLossError, tf.errors.InternalError) as err:  # a shard or cache file damaged on disk
             raise self._damaged_data(err) from None
         except KeyboardInterrupt:
             self.checkpoint(int(state.step.numpy()))
@@ -382,6 +382,10 @@ class Trainer(loop.Hooks):
                                          timing=self.timing, before_report=close_timing)
 
     def _damaged_data(self, err):
+        """A damaged read as one line; an InternalError is one only with a file cache (a truncated cache
+        file raises it), else it goes on as it is."""
+        if isinstance(err, tf.errors.InternalError) and self.config.cache in (None, "memory"):
+            return err
         return outputs.damaged_data_error(err, self.config, self.shape.val_split, self.manager.latest_checkpoint)
 
     def load_initial_weights(self, run):
