@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         # A damaged shard met mid-split: name it (the shards are scanned only now, on error).
         found = data.damaged_shard(args.data, [split]) if isinstance(err, tf.errors.DataLossError) else None
         if found is None:
-            found = f"reading {args.data} split {args.split!r}: {err.message.strip().splitlines()[0]}"
+            found = f"reading {args.data} split {split!r}: {err.message.strip().splitlines()[0]}"
         parser.exit(2, f"error: {found}\n")
 
     class_names = segmenter.class_names
