@@ -18,6 +18,7 @@ import re
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from keras_seg.labels import IGNORE_INDEX
@@ -342,101 +343,177 @@ class DiceLoss(_SegmentationLoss):
 LOVASZ_CLASSES = ("present", "all")
 
 
+def _lovasz_class_losses(counts, sums):
+    """Per-class Lovasz-Softmax values [..., C] from error histograms.
+
+    `counts` and `sums` [..., C, 2, L]: per class, for its foreground (index 0) and background (1)
+    pixels, how many errors fall in each of L equal levels of [0, 1] and their sum. Sorting the
+    errors in decreasing order is replaced by taking the levels from the top; within a level the
+    foreground pixels are taken first. With I = |fg| minus the foreground taken so far and U = |fg|
+    plus the background taken so far, the Lovasz gradient of the Jaccard loss is 1/U for a
+    foreground pixel and I / (U (U - 1)) for a background one (1 for the first background pixel of
+    a class without foreground). A level's b background pixels share the sum of theirs,
+    I b / (U0 (U0 + b)) with U0 = U before them, which telescopes. Each pixel's gradient depends
+    on its level only, so the loss is sum over levels of (sum of errors) x gradient: exact
+    when no two errors of a class share a level, and within 2 / L of the sorted value otherwise
+    (both are Lovasz extensions of errors at most 1 / L apart, with gradients summing to <= 1).
+    """
+    fg_counts, bg_counts = counts[..., 0, :], counts[..., 1, :]
+    fg_total = ops.sum(fg_counts, axis=-1, keepdims=True)
+    # Counted from the top level down: what lies in the levels above each one.
+    fg_above = ops.flip(ops.cumsum(ops.flip(fg_counts, axis=-1), axis=-1), axis=-1) - fg_counts
+    bg_above = ops.flip(ops.cumsum(ops.flip(bg_counts, axis=-1), axis=-1), axis=-1) - bg_counts
+    union_before = fg_total + bg_above
+    fg_grad = ops.divide_no_nan(1.0, union_before)
+    intersection = fg_total - fg_above - fg_counts
+    bg_level_grad = ops.where(union_before > 0,
+                              ops.divide_no_nan(intersection * bg_counts, union_before * (union_before + bg_counts)),
+                              ops.minimum(bg_counts, 1.0))
+    bg_grad = ops.divide_no_nan(bg_level_grad, bg_counts)
+    grads = ops.stop_gradient(ops.stack([fg_grad, bg_grad], axis=-2))
+    return ops.sum(sums * grads, axis=(-2, -1))
+
+
+# Lovasz-Softmax's histograms take one value per pixel and class. Their bin numbers and the
+# gradient's look-up (a gather) are compiled with XLA: on CPU-B the gather of 5M values took 24 ms
+# compiled and 151 ms as TensorFlow's kernel. The bins are counted by TensorFlow's bincount, which has no
+# gradient; unsorted_segment_sum, which has one, took 0.37 s on the same values against 0.02 s.
+
+
+@functools.partial(tf.function, jit_compile=True)
+def _error_bins(labels, valid, errors, levels: int, per_image: bool):
+    """The histogram bin of each pixel and class [B * H * W * C]: (group, class, foreground (0) or
+    background (1), error level), numbered in that order; ignored pixels get one more bin."""
+    num_classes = errors.shape[-1]
+    batch = tf.shape(errors)[0]
+    fg = tf.cast(tf.equal(labels[..., None], tf.range(num_classes)), tf.int32)
+    level = tf.minimum(tf.cast(errors * levels, tf.int32), levels - 1)
+    bins = tf.range(num_classes) * (2 * levels) + (1 - fg) * levels + level
+    if per_image:
+        bins += tf.reshape(tf.range(batch) * (num_classes * 2 * levels), [-1, 1, 1, 1])
+    total = (batch if per_image else 1) * num_classes * 2 * levels
+    is_valid = tf.cast(valid[..., None] > 0, tf.int32)
+    return tf.reshape(bins * is_valid + total * (1 - is_valid), [-1])
+
+
+@functools.partial(tf.function, jit_compile=True)
+def _gather(values, indices):
+    return tf.gather(values, indices)
+
+
+def _bin_sums(bins, values, length: int):
+    """`bincount(bins, weights=values)` over `length` bins, differentiable in `values` (TensorFlow's
+    bincount has no gradient: it is a look-up of each value's bin)."""
+    @tf.custom_gradient
+    def sums(values):
+        def grad(upstream):
+            return _gather(upstream, bins)
+        return tf.math.bincount(bins, weights=values, minlength=length, maxlength=length), grad
+
+    return sums(values)
+
+
 @keras.saving.register_keras_serializable(package="keras_seg")
 class LovaszSoftmaxLoss(_SegmentationLoss):
     """Lovasz-Softmax (Berman, Rannen Triki & Blaschko, CVPR 2018): a surrogate of 1 - IoU, convex in the errors.
 
-    For each class c, the errors `|[y = c] - p_c|` of the valid pixels, sorted in decreasing order,
-    are weighted by the Lovasz extension's gradient of the Jaccard loss: the increase of
+    For each class c, the errors `|[y = c] - p_c|` of the valid pixels, in decreasing order, are
+    weighted by the Lovasz extension's gradient of the Jaccard loss: the increase of
     `|S| / |fg u S|` (fg: the pixels of class c) as each pixel joins the set S of those with larger
-    errors. A group's loss is the mean of these per-class values. The groups, as the reference's
-    `per_image` option:
+    errors. A group's loss is the mean of these per-class values over the classes that count.
 
-    - `per_image=False`: every valid pixel of the batch together (the reference's default). Under
-      the trainer's `--accumulate` and replicas, "the batch" is each replica's micro-batch (the
-      `--batch-size` images a device holds at once), and their losses are averaged, weighted by
-      their images: the sort does not split into sums over pixels, so this is the whole global
-      batch's Lovasz only on one device without accumulation.
+    The reference sorts every class's errors. Here they are binned into `levels` equal levels of
+    [0, 1] and the gradient is taken level by level (`_lovasz_class_losses`): the value is the
+    reference's when no two errors of a class share a level, and within 2 / levels of it otherwise.
+    Value and gradient of 8 x 128 x 256 x 19 logits on CPU-B (one process, alternating, median of
+    9): 115 ms per batch and 187 ms per image against 1.68 s and 1.50 s sorted (this class's first
+    version), cross-entropy 69 ms, Dice 84 ms. The groups, as the reference's `per_image` option:
+
+    - `per_image=False`: every valid pixel of the batch together (the reference's default). The
+      histograms are sums over pixels, so under `--accumulate` and replicas the loss and gradient
+      are the whole global batch's; like Dice it needs the step's totals (`NEEDS_TOTALS`: a first
+      forward pass over the micro-batches), and replicas add 4 x C x `levels` numbers.
     - `per_image=True`: each image alone, then the mean over the images that hold a valid pixel
       (the reference counts an all-ignored image as a 0). A mean over images: accumulation and
-      replicas give the whole batch's loss and gradient.
+      replicas give the whole batch's loss and gradient from the images' count alone.
 
     Args:
         per_image: bool. One Lovasz per image (True) or one for the whole batch (False).
         classes: `"present"` (the classes in the group's valid labels, the reference's default) or
             `"all"` (every class; an absent class then costs its largest predicted probability).
+        levels: int >= 2. Error levels of the histograms.
         class_weights: per-class weights [C] of the mean over the classes that count
             (`sum w_c L_c / sum w_c`), or None (equal weights).
         ignore_index: int. Label of ignored pixels.
     """
 
-    def __init__(self, per_image: bool = False, classes: str = "present", class_weights=None,
+    def __init__(self, per_image: bool = False, classes: str = "present", levels: int = 4096, class_weights=None,
                  ignore_index: int = IGNORE_INDEX, name="lovasz_softmax", **kwargs):
         super().__init__(class_weights, ignore_index, name=name, **kwargs)
         if classes not in LOVASZ_CLASSES:
             raise ValueError(f"lovasz classes must be one of {', '.join(LOVASZ_CLASSES)}, got {classes!r}")
-        self.per_image, self.classes = bool(per_image), classes
+        if int(levels) < 2:
+            raise ValueError(f"lovasz levels must be >= 2, got {levels}")
+        self.per_image, self.classes, self.levels = bool(per_image), classes, int(levels)
 
-    def _group_losses(self, y_true, y_pred):
-        """Each image's Lovasz [B] (per image) or the batch's [1], and which images hold a valid pixel [B]."""
+    @property
+    def NEEDS_TOTALS(self):  # noqa: N802 (the other losses' class attribute)
+        return not self.per_image  # the histograms depend on the predictions
+
+    def _histograms(self, y_true, y_pred):
+        """Per group (image, or the batch) the error histograms [G, C, 2, levels] (counts, sums), and
+        which images hold a valid pixel [B]."""
         labels, valid, logits = _labels_and_logits(y_true, y_pred, self.ignore_index)
-        num_classes = logits.shape[-1]
-        batch = ops.shape(logits)[0]
+        num_classes, batch = logits.shape[-1], ops.shape(logits)[0]
         image_has_valid = ops.max(ops.reshape(valid, (batch, -1)), axis=-1)
-        groups = batch if self.per_image else 1
-        # [groups, C, pixels]: one sort per group and class.
-        valid = ops.reshape(valid, (groups, 1, -1))
-        fg = ops.transpose(ops.reshape(ops.one_hot(labels, num_classes, dtype="float32"), (groups, -1, num_classes)),
-                           (0, 2, 1)) * valid
-        probs = ops.transpose(ops.reshape(ops.softmax(logits, axis=-1), (groups, -1, num_classes)), (0, 2, 1))
-        # Ignored pixels get error -1: they sort after every valid pixel (errors are in [0, 1]).
-        errors = ops.where(valid > 0, ops.abs(fg - probs), -1.0)
-        sorted_errors, order = ops.top_k(errors, ops.shape(errors)[-1], sorted=True)
-        fg_sorted = ops.take_along_axis(fg, order, axis=-1)
-        valid_sorted = ops.cast(sorted_errors >= 0, "float32")
-        # The Lovasz gradient of the Jaccard loss at each sorted position k, with I_k = |fg| - (fg
-        # among the first k+1) and U_k = |fg| + (background among them): J_k - J_{k-1} with
-        # J = 1 - I/U. It is 1/U_k for a foreground pixel and I_k / (U_k (U_k - 1)) for a background
-        # one (1 for the first background pixel of an absent class): these forms avoid subtracting
-        # two nearly equal J in float32. Counts are exact in float32 up to 2^24 pixels.
-        fg_total = ops.sum(fg, axis=-1, keepdims=True)
-        intersection = fg_total - ops.cumsum(fg_sorted, axis=-1)
-        union = fg_total + ops.cumsum(valid_sorted - fg_sorted, axis=-1)
-        background_step = ops.where(union > 1, ops.divide_no_nan(intersection, union * (union - 1)), 1.0)
-        lovasz_grad = ops.where(fg_sorted > 0, ops.divide_no_nan(1.0, union), background_step) * valid_sorted
-        class_losses = ops.sum(sorted_errors * ops.stop_gradient(lovasz_grad), axis=-1)  # [groups, C]
-        group_has_valid = ops.max(valid, axis=(1, 2))
-        counted = (ops.cast(fg_total[..., 0] > 0, "float32") if self.classes == "present"
-                   else ops.ones_like(class_losses) * group_has_valid[:, None])
+        errors = ops.abs(ops.one_hot(labels, num_classes, dtype="float32") - ops.softmax(logits, axis=-1))
+        bins = _error_bins(labels, valid, ops.stop_gradient(errors), self.levels, self.per_image)
+        shape = ((batch if self.per_image else 1), num_classes, 2, self.levels)
+        length = shape[0] * num_classes * 2 * self.levels  # and one bin for the ignored pixels
+        counts = tf.math.bincount(bins, minlength=length + 1, maxlength=length + 1, dtype=tf.float32)
+        sums = _bin_sums(bins, ops.reshape(errors, (-1,)), length + 1)
+        return ops.reshape(counts[:length], shape), ops.reshape(sums[:length], shape), image_has_valid
+
+    def _group_losses(self, counts, sums):
+        """Each group's Lovasz [G]: the weighted mean over the classes that count."""
+        class_losses = _lovasz_class_losses(counts, sums)
+        fg_counts = ops.sum(counts[..., 0, :], axis=-1)
+        if self.classes == "present":
+            counted = ops.cast(fg_counts > 0, "float32")
+        else:  # every class (a group without a valid pixel has losses 0)
+            counted = ops.ones_like(fg_counts)
         if self.class_weights is not None:
             counted = counted * ops.convert_to_tensor(self.class_weights)
-        group_losses = ops.divide_no_nan(ops.sum(counted * class_losses, axis=-1), ops.sum(counted, axis=-1))
-        return group_losses, image_has_valid
+        return ops.divide_no_nan(ops.sum(counted * class_losses, axis=-1), ops.sum(counted, axis=-1))
 
     def statistics(self, y_true, y_pred):
-        group_losses, image_has_valid = self._group_losses(y_true, y_pred)
-        images = ops.sum(image_has_valid)
-        # Per batch: the batch's loss counts once per image that holds a valid pixel, so that
-        # micro-batches and replicas average by images, as the per-image losses do.
-        total = ops.sum(group_losses * image_has_valid) if self.per_image else group_losses[0] * images
-        return {"sum": total, "count": images}
+        counts, sums, image_has_valid = self._histograms(y_true, y_pred)
+        if self.per_image:
+            return {"sum": ops.sum(self._group_losses(counts, sums) * image_has_valid),
+                    "count": ops.sum(image_has_valid)}
+        return {"counts": counts[0], "sums": sums[0]}
 
     def from_statistics(self, stats):
-        return ops.divide_no_nan(stats["sum"], stats["count"])
+        if self.per_image:
+            return ops.divide_no_nan(stats["sum"], stats["count"])
+        return self._group_losses(stats["counts"][None], stats["sums"][None])[0]
 
     def mask_statistics(self, y_true):
+        if not self.per_image:
+            return {}  # the histograms hold the predictions
         valid = ops.cast(ops.not_equal(ops.cast(y_true, "int32"), self.ignore_index), "float32")
         return {"count": ops.sum(ops.max(ops.reshape(valid, (ops.shape(valid)[0], -1)), axis=-1))}
 
     def call(self, y_true, y_pred):
-        group_losses, image_has_valid = self._group_losses(y_true, y_pred)
+        counts, sums, image_has_valid = self._histograms(y_true, y_pred)
+        group_losses = self._group_losses(counts, sums)
         if self.per_image:
             return _per_valid_pixel(group_losses, image_has_valid)  # the mean over images with a valid pixel
         # One value per image, as Dice's (Keras scales non-scalar losses for tf.distribute).
         return ops.zeros_like(image_has_valid) + group_losses[0]
 
     def get_config(self):
-        return {**super().get_config(), "per_image": self.per_image, "classes": self.classes}
+        return {**super().get_config(), "per_image": self.per_image, "classes": self.classes, "levels": self.levels}
 
 
 @keras.saving.register_keras_serializable(package="keras_seg")
