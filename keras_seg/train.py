@@ -135,7 +135,8 @@ def build_parser():
                                                          "schedule cuts the learning rate")
     o.add_argument("--plateau-factor", type=float)
     o.add_argument("--clipnorm", type=float, help="global gradient-norm clipping (0: off)")
-    o.add_argument("--loss", help="ce, dice, focal, ohem, or a weighted sum such as ce+dice or ce+0.5*dice")
+    o.add_argument("--loss", help="ce, dice, focal, ohem, lovasz, lovasz_image (_all: every class, not only those "
+                                  "present), or a weighted sum such as ce+dice or ce+0.5*lovasz")
     o.add_argument("--class-weights", help="none, inverse, median, enet (from the training pixel counts), "
                                            "or a comma-separated list of per-class weights")
     o.add_argument("--augment", type=_key_value, action="append", metavar="KEY=VALUE",

@@ -173,7 +173,7 @@ def test_build_loss_specs(case):
     assert float(build_loss("2*ce")(labels, logits)) == pytest.approx(2 * np_cross_entropy(labels, logits), rel=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["", "ce+", "lovasz", "ce*2", "ce+-1*dice"])
+@pytest.mark.parametrize("spec", ["", "ce+", "tversky", "ce*2", "ce+-1*dice"])
 def test_build_loss_rejects_bad_specs(spec):
     with pytest.raises(ValueError, match="bad loss term"):
         parse_loss_spec(spec)

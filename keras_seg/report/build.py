@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from keras_seg.report import charts
-from keras_seg.report import page as P
+import keras_seg.report.charts as charts
+import keras_seg.report.page as P
 from keras_seg.report.collect import load_run, pixel_shares, score_run
 
 

@@ -24,7 +24,8 @@ th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-v
        border-left: 4px solid #4a7bd0; }
 .bar { display: flex; height: 22px; width: 100%; border: 1px solid #aaa; margin: 0.5em 0; }
 .bar div { height: 100%; } figure { margin: 0.6em 0; } figcaption { font-size: 0.9em; color: #333; }
-img { max-width: 100%; } pre { font-size: 0.8em; background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
+img, svg { max-width: 100%; height: auto; }  /* charts shrink with a narrow window, as pictures do */
+pre { font-size: 0.8em; background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 .pos { color: #17803d; } .neg { color: #c0392b; }
 """
 TIME_COLORS = {"start_up_seconds": "#9e9e9e", "step_seconds": "#4a7bd0", "validation_seconds": "#f0a030",

@@ -270,7 +270,10 @@ class Trainer(loop.Hooks):
             if config.schedule == "plateau" and int(state.wait.numpy()) % config.plateau_patience == 0:
                 state.schedule.cut(config.plateau_factor)
                 line += f"  (no improvement in {int(state.wait.numpy())} validations: lr x{config.plateau_factor})"
-        self.log(line)
+        if improved:
+            self._best_line = line  # said once the best model is saved
+        else:
+            self.log(line)
         since.update(loss=0.0, steps=0, started=time.perf_counter())
         state.train_iou.reset_state()
         return improved
@@ -279,6 +282,7 @@ class Trainer(loop.Hooks):
         if self.chief:
             step, epoch, result = self._best
             outputs.save_best(self.run_dir, self.state.model, step, epoch, result, self.shape.class_names)
+        self.log(self._best_line)
 
     def should_stop(self, final):
         patience = self.config.patience
