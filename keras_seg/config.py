@@ -47,6 +47,10 @@ class TrainConfig:
     inference_mode: Optional[str] = None  # scale_crop: "slide" (default) or "whole" at base_scale
     inference_overlap: float = 1 / 3
     inference: dict = dataclasses.field(default_factory=dict)  # the contract, derived (keras_seg.contract)
+    # Progressive resizing: the first `progressive` share of the decay's progress (the warm-up included)
+    # at `progressive_scale` x image_size (and x base_scale), then image_size to the end; 0: off.
+    progressive: float = 0.0
+    progressive_scale: float = 0.5
     cache: Optional[str] = None
     encoder_weights: Optional[str] = None  # None / "none", "imagenet", or a local .weights.h5 / legacy .h5 file
     # --- fine-tuning an ImageNet encoder (keras_seg.models.encoders)
@@ -158,6 +162,29 @@ def model_stride(model_config: dict) -> int:
     return INPUT_MULTIPLES.get(architecture, 32)
 
 
+def progressive_size(config, stride=None) -> list:
+    """The training size of a progressive run's first phase: image_size x progressive_scale, each side
+    rounded to the nearest multiple of the model's stride (at least one stride)."""
+    stride = model_stride(config.model) if stride is None else stride
+    return [max(stride, int(round(side * config.progressive_scale / stride)) * stride) for side in config.image_size]
+
+
+def _check_progressive(config, stride):
+    if not config.progressive:
+        return
+    if not 0 < config.progressive < 1:
+        raise ConfigError(f"--progressive must be a share of the run in (0, 1), got {config.progressive}")
+    if not 0 < config.progressive_scale < 1:
+        raise ConfigError(f"--progressive-scale must be in (0, 1), got {config.progressive_scale}")
+    if config.resize_mode == "fit":
+        raise ConfigError("--progressive: --resize-mode fit pads each image to the model's input; use resize, crop "
+                          "or scale_crop")
+    low = progressive_size(config, stride)
+    if low == list(config.image_size):
+        raise ConfigError(f"--progressive-scale {config.progressive_scale:g} of --image-size "
+                          f"{config.image_size[0]}x{config.image_size[1]} rounds back to it (multiples of {stride})")
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
@@ -245,6 +272,7 @@ def validate(config: TrainConfig) -> TrainConfig:
                           f"the stride of this {config.model.get('architecture')} model")
     _check_model_args(config.model)
     _check_sizing(config, stride)
+    _check_progressive(config, stride)
 
     from keras_seg import losses
     from keras_seg.augment import AugmentConfig

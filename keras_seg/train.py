@@ -116,6 +116,11 @@ def build_parser():
                         "(default: slide)")
     o.add_argument("--inference-overlap", type=float, help="share of a sliding window its neighbour covers again "
                                                             "(default: 1/3)")
+    o.add_argument("--progressive", type=float, metavar="SHARE",
+                   help="progressive resizing: train the first SHARE of the schedule's progress (e.g. 0.7) at "
+                        "--progressive-scale of --image-size, the rest at --image-size (default 0: off)")
+    o.add_argument("--progressive-scale", type=float, metavar="S",
+                   help="the first phase's size over --image-size (default 0.5; rounded to the model's stride)")
     o.add_argument("--optimizer", choices=OPTIMIZERS)
     o.add_argument("--learning-rate", "--lr", type=float)
     o.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")

@@ -49,6 +49,7 @@ class Scenario:
     validation_share: float = cadence.VALIDATION_SHARE
     learning_rate: float = 2e-3
     seed: int = 0
+    progressive: tuple = None  # (share, factor): steps take factor x as long once the progress reaches share
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class FakeRun(loop.Hooks):
         self.training = 0.0
         self.times, self.rates, self.durations, self.validations = [], [], [], []
         self.step = 0
+        self.switched = False
         self.validation_index = 0
         self.budget = 60 * scenario.budget_minutes
         self.val_batches_full = -(-scenario.val_examples // scenario.val_batch_size)
@@ -88,7 +90,16 @@ class FakeRun(loop.Hooks):
         seconds = s.step_seconds * (1 + self.rng.uniform(-s.noise, s.noise))
         if s.slowdown and s.slowdown[0] * self.budget <= self.clock.now < s.slowdown[1] * self.budget:
             seconds *= s.slowdown[2]
+        if self.switched:
+            seconds *= s.progressive[1]
         return seconds
+
+    def change_input(self, step):
+        share = self.s.progressive[0] if self.s.progressive else None
+        if share is None or self.switched or float(self.schedule.progress(step)) < share:
+            return False
+        self.switched = True
+        return True
 
     def train(self, steps):
         rates = self.schedule(np.arange(self.step, self.step + steps)).numpy()
@@ -124,7 +135,8 @@ class FakeRun(loop.Hooks):
 
     def validate(self, step, final, batches):
         started = self.clock.now
-        self.clock.now += self.validation_seconds(batches)
+        # The final one scores image by image through a function of its own: a trace more.
+        self.clock.now += self.validation_seconds(batches) + (self.s.trace_seconds if final else 0.0)
         self.validation_index += 1
         self._current = [step, self.training, self.clock.now - started, batches, final]
         self.validations.append(self._current)
@@ -154,10 +166,10 @@ def simulate(scenario: Scenario) -> Outcome:
     result = loop.run_loop(run, 0, scenario.steps_per_call, planner=planner, timing=loop.new_timing(0.0),
                            clock=clock)
     # The final phase as the trainer's: the last model saved, the best loaded and drawn, the export,
-    # the report (the val split scored once more, as many batches as validation used, and drawn), the exit.
+    # the report (drawn from the final validation's image scores: every validation improves here), the exit.
     final_batches = planner.val_batches
     clock.now += scenario.save_seconds * 2 + scenario.export_traces * scenario.trace_seconds
-    clock.now += run.validation_seconds(final_batches) + cadence.REPORT_DRAW_SECONDS + cadence.EXIT_SECONDS
+    clock.now += cadence.REPORT_DRAW_SECONDS + cadence.EXIT_SECONDS
     during = [(v[0], v[1], v[2], v[3]) for v in run.validations if not v[4]]
     return Outcome(scenario, result.step, clock.now, budget, np.array(run.times), np.array(run.rates),
                    np.array(run.durations), during, final_batches, schedule.warmup_steps,
@@ -193,6 +205,7 @@ SCENARIOS = [
     Scenario("noise +-40%", noise=0.4),
     Scenario("3x slower for a fifth of the run", slowdown=(0.4, 0.6, 3.0)),
     Scenario("validation spikes (3x, 5x)", validation_spikes=((2, 3.0), (5, 5.0))),
+    Scenario("progressive: 0.3 s steps, 4x after 70% of the decay", step_seconds=0.3, progressive=(0.7, 4.0)),
     Scenario("a machine 10x slower", step_seconds=12.0, validation_seconds=200.0, trace_seconds=50.0,
              start_up_seconds=120.0, save_seconds=5.0, warmup_steps=167),
     Scenario("a budget shorter than one validation", budget_minutes=1.0, step_seconds=0.5,
@@ -206,8 +219,9 @@ SCENARIOS = [
 def markdown_row(outcome: Outcome) -> str:
     s = outcome.scenario
     spent = sum(v[2] for v in outcome.validations)
-    return (f"| {s.name} | {s.budget_minutes:g} min, {s.step_seconds:g} s a step, validation {s.validation_seconds:g} s "
-            f"| {outcome.steps} | {100 * (outcome.end / outcome.budget - 1):+.1f}% | {len(outcome.validations)} "
+    setting = f"{s.budget_minutes:g} min, {s.step_seconds:g} s a step, validation {s.validation_seconds:g} s"
+    end = 100 * (outcome.end / outcome.budget - 1)
+    return (f"| {s.name} | {setting} | {outcome.steps} | {end:+.1f}% | {len(outcome.validations)} "
             f"({100 * spent / outcome.budget:.1f}%) | {outcome.final_batches or 'all'} "
             f"| {worst_drop_ratio(outcome):.2f}x |")
 

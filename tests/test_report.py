@@ -216,7 +216,7 @@ def test_report_command_refuses_bad_input_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow  # trains a run (15-40 s on CPU-D)
 def test_a_failing_report_says_why_and_the_run_stands(tiny_data, tmp_path, monkeypatch):  # noqa: F811
-    def fail(root):
+    def fail(root, **kwargs):
         raise RuntimeError("disk full\nsecond line")
 
     monkeypatch.setattr(report, "write_run_report", fail)

@@ -109,13 +109,14 @@ def test_training_time_is_what_the_final_phase_and_the_validations_leave():
     planner.record_probe([2.5, 0.5, 0.5])  # the first batch traces (2 s), a batch takes 0.5 s
     clock.now = 100.0
     planner.record_steps(10, 10.0)  # 1 s a step
-    # final: validation 5 + 2 saves + export max(6 saves, 1.5 traces = 3) + report (5 + 1) + exit 0.3
+    # final: validation 5 image by image (+ a 2 s trace) + 2 saves + export max(6 saves, 1.5 traces = 3)
+    # + the report's drawing 1 + exit 0.3
     assert planner.trace_seconds == pytest.approx(2.0)
-    assert planner.final_seconds() == pytest.approx(5 + 2 + 6 + 6 + 0.3)
+    assert planner.final_seconds() == pytest.approx(5 + 2 + 2 + 6 + 1 + 0.3)
     # a validation with its saves: 5 + 2; 100 s of share hold 14, the 9 wanted before the final one
     assert planner.validations_left() == 9
-    assert planner.training_seconds_left() == pytest.approx(1000 - 100 - 19.3 - 9 * 7)
-    assert planner.planned_steps(10) == 10 + int((1000 - 100 - 19.3 - 9 * 7) // 1.0)
+    assert planner.training_seconds_left() == pytest.approx(1000 - 100 - 16.3 - 9 * 7)
+    assert planner.planned_steps(10) == 10 + int((1000 - 100 - 16.3 - 9 * 7) // 1.0)
     # the share spent: fewer validations fit
     planner.record_validation(5.0, saves_seconds=2.0)
     planner.record_validation(40.0, saves_seconds=2.0)  # one 8x slower: the median of a batch holds
@@ -125,17 +126,17 @@ def test_training_time_is_what_the_final_phase_and_the_validations_leave():
 
 def test_the_final_phase_sizes_the_export_by_the_probed_trace_and_adds_the_report():
     """The export costs 1.5 traces of the evaluation step once the probe measured one, 4 s before;
-    six saves where they take longer; the report a validation and 1 s of drawing."""
+    six saves where they take longer; the final validation a trace more; the report 1 s of drawing."""
     clock = FakeClock()
     planner = _planner(clock)
     planner.record_save(0.1)
     planner.record_steps(1, 0.3)  # before the probe: a validation is guessed at a third of the steps it holds
     guess = 10 * 0.3 / 3
-    assert planner.final_seconds() == pytest.approx(guess + 0.2 + 4 + guess + 1 + 0.3)
+    assert planner.final_seconds() == pytest.approx(guess + 0.2 + 4 + 1 + 0.3)
     planner.record_probe([2.2, 0.05, 0.05])  # a 2.15 s trace: the export 3.225 s
-    assert planner.final_seconds() == pytest.approx(0.5 + 0.2 + 1.5 * 2.15 + 1.5 + 0.3)
+    assert planner.final_seconds() == pytest.approx(0.5 + 2.15 + 0.2 + 1.5 * 2.15 + 1 + 0.3)
     planner.record_save(1.0)  # six saves outweigh the trace
-    assert planner.final_seconds() == pytest.approx(0.5 + 2 + 6 + 1.5 + 0.3)
+    assert planner.final_seconds() == pytest.approx(0.5 + 2.15 + 2 + 6 + 1 + 0.3)
 
 
 def test_progress_follows_training_time_and_a_slow_chunk_bends_it_without_a_jump():

@@ -12,10 +12,12 @@ import keras_seg.report.page as P
 from keras_seg.report.collect import load_run, pixel_shares, score_run
 
 
-def write_run_report(root, output=None, k=4) -> str:
-    """RUN/report.html (or `output`) from a run directory; returns its path."""
+def write_run_report(root, output=None, k=4, scored=None, limit=0) -> str:
+    """RUN/report.html (or `output`) from a run directory; returns its path. `scored`: (summary,
+    ImageScores) of best.keras on the val split, already computed (the trainer's final validation);
+    else it is scored here (`limit`: its first images only)."""
     run = load_run(root)
-    summary, scores = score_run(run, k)
+    summary, scores = scored if scored is not None else score_run(run, k, limit=limit)
     html = P.document(f"{run.label}: run report", run_body(run, summary, scores))
     return _write(output or os.path.join(root, "report.html"), html)
 
@@ -103,7 +105,7 @@ def run_body(run, summary, scores) -> str:
     if summary is None:
         parts.append(f'<p class="note">Confusion matrix and sample images: {P.esc(scores)}.</p>')
     else:
-        note = (f"best.keras scored again on the val split ({summary['images']} images, by its inference "
+        note = (f"best.keras scored on the val split ({summary['images']} images, by its inference "
                 f"contract): mIoU {P.percent(summary['miou'])}")
         if best and abs(summary["miou"] - best["miou"]) > 5e-4:
             note += f" (the validation at step {P.esc(best['step'])} measured {P.percent(best['miou'])})"

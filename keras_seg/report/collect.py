@@ -141,8 +141,9 @@ def load_run(root, label=None) -> Run:
                best_note=why if os.path.exists(os.path.join(root, "best_metrics.json")) else None)
 
 
-def score_run(run: Run, k=4, keep=(), batch_size=4):
-    """The run's best model on its val split, image by image: (summary, ImageScores), or (None, why)."""
+def score_run(run: Run, k=4, keep=(), batch_size=4, limit=0):
+    """The run's best model on its val split (`limit`: its first images only), image by image:
+    (summary, ImageScores), or (None, why)."""
     data_dir = run.config.get("data")
     if not run.has_best_model:
         return None, "no best.keras in the run (no validation has run yet, or it was removed)"
@@ -153,7 +154,8 @@ def score_run(run: Run, k=4, keep=(), batch_size=4):
 
     segmenter = inference.load_segmenter(run.root)
     scores = ImageScores(k, keep)
-    summary = evaluate_split(segmenter, data_dir, batch_size=batch_size, progress=False, on_image=scores)
+    summary = evaluate_split(segmenter, data_dir, batch_size=batch_size, progress=False, on_image=scores,
+                             limit=limit)
     return summary, scores
 
 

@@ -31,6 +31,11 @@ class Hooks:
     def set_segment(self, step, progress, per_step, cap):
         """The schedule's progress by time for the next call (budget runs)."""
 
+    def change_input(self, step) -> bool:
+        """Whether the run changed its training input before the next call (a new image size: the
+        next call traces the step again, and the step time is to be measured anew)."""
+        return False
+
     def cap_warmup(self, step, planned_steps):
         """A budget run's warm-up, fitted once to the steps first planned."""
 
@@ -104,7 +109,12 @@ def run_loop(hooks: Hooks, step: int, steps_per_call: int, *, cadence=None, plan
         validated_at = step
         return stop
 
+    probed = False
     while True:
+        if hooks.change_input(step):
+            compiled = False
+            if planner is not None:
+                planner.forget_step_time()
         if planner is not None:
             n = planner.chunk_steps(step, steps_per_call if compiled else min(2, steps_per_call))
             if n == 0:  # the training time is used up: the run ends validated
@@ -124,11 +134,11 @@ def run_loop(hooks: Hooks, step: int, steps_per_call: int, *, cadence=None, plan
             n = max(1, limit - step)
         loss, seconds = timed("step_seconds", hooks.train, n)
         timing["steps"] += n
-        first_measured = planner is not None and compiled and not planner.measured
         step += n
         if planner is not None and compiled:  # the first call holds the compilation
             planner.record_steps(n, seconds, decay_steps)
-            if first_measured:
+            if not probed:
+                probed = True
                 hooks.cap_warmup(step, planner.planned_steps(step))
                 # The validations' cost, measured before the first is planned: tracing, then a batch;
                 # and a checkpoint's (a validation's saves come with it), which also makes the run

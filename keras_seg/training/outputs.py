@@ -85,12 +85,12 @@ def best_summary(run_dir: RunDir) -> dict:
 
 
 def write_final_products(run_dir: RunDir, config, model, pictures: SamplePictures, log=print, timing=None,
-                         before_report=None):
+                         before_report=None, scored=None, limit=0):
     """last.keras, samples.png (from the best model), the SavedModel export and report.html.
 
     A failed export costs only itself: it is said in one line, and the report is written all the
     same. `timing` gets the export's seconds; `before_report()` runs just before the report is drawn
-    (the trainer closes timing.json there)."""
+    (the trainer closes timing.json there); `scored` and `limit` go to the report (`write_report`)."""
     save_model_atomically(model, run_dir.last_model)
     if os.path.exists(run_dir.best_model):
         best = keras.saving.load_model(run_dir.best_model, compile=False)
@@ -103,7 +103,7 @@ def write_final_products(run_dir: RunDir, config, model, pictures: SamplePicture
             timing["export_seconds"] = time.perf_counter() - started
     if before_report is not None:
         before_report()
-    write_report(run_dir, log)
+    write_report(run_dir, log, scored=scored, limit=limit)
 
 
 def export_run(run_dir: RunDir, log=print):
@@ -118,12 +118,13 @@ def export_run(run_dir: RunDir, log=print):
             f"--run {run_dir.root} --output DIR")
 
 
-def write_report(run_dir: RunDir, log=print):
-    """RUN/report.html; a report that fails says why in one line and leaves the run as it is."""
+def write_report(run_dir: RunDir, log=print, scored=None, limit=0):
+    """RUN/report.html, from the best model's image scores when given (`scored`), else scoring it on the
+    val split (its first `limit` images); a report that fails says why in one line and leaves the run as it is."""
     try:
         from keras_seg.report import write_run_report  # draws with matplotlib: imported only here
 
-        log(f"report: {write_run_report(run_dir.root)}")
+        log(f"report: {write_run_report(run_dir.root, scored=scored, limit=limit)}")
     except Exception as err:  # noqa: BLE001 - the models and checkpoints are written: the run stands
         why = (str(err).strip().splitlines() or [""])[0]
         log(f"report: not written ({type(err).__name__}: {why}); rebuild it with "

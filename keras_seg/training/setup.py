@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from keras_seg import augment, data, finetune, losses, metrics, tfrecord
-from keras_seg.config import TrainConfig
+from keras_seg.config import TrainConfig, progressive_size
 from keras_seg.models import presets
 from keras_seg.training import schedules
 from keras_seg.training.step import build_optimizer
@@ -102,7 +102,8 @@ class RunState:
 
 def build_models(config: TrainConfig, num_classes: int, replicas: int, precision: str, log=print):
     """(train_model, model, inference_model, aux_weight, encoder_layers), under the current strategy scope."""
-    entry = {"model": config.model, "input_size": tuple(config.image_size)}
+    # A progressive run trains at two sizes: its model takes any (the builders' None sides).
+    entry = {"model": config.model, "input_size": (None, None) if config.progressive else tuple(config.image_size)}
     # A resumed or --init-from run replaces the encoder's initial weights: none are loaded.
     weights = None if config.resume or config.init_from else config.encoder_weights
     train_model = presets.build_model(entry, num_classes, encoder_weights=weights, with_aux=True)
@@ -181,14 +182,21 @@ class Datasets:
     cache_lock: object = None  # held while this run writes its file cache (data.claim_file_cache)
 
 
-def build_datasets(config: TrainConfig, shape: RunShape, strategy, start_step: int, log=print) -> Datasets:
-    """The training stream from `start_step` (a resumed stream counts the records of a pass) and the val split."""
-    cache, lock = config.cache, None
-    if cache not in (None, "memory") and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        lock = data.claim_file_cache(cache, log=log)
-    sizing = dict(image_size=tuple(config.image_size), resize_mode=config.resize_mode,
-                  base_scale=config.base_scale, ratio_range=tuple(config.ratio_range),
-                  cat_max_ratio=config.cat_max_ratio)
+def training_sizing(config: TrainConfig, low=False) -> dict:
+    """How the reader sizes training examples: at image_size, or (`low`) a progressive run's first size,
+    its scale_crop base scale shrunk alike."""
+    size, base_scale = list(config.image_size), config.base_scale
+    if low:
+        size = progressive_size(config)
+        if base_scale:
+            base_scale = [int(round(side * config.progressive_scale)) for side in base_scale]
+    return dict(image_size=tuple(size), resize_mode=config.resize_mode, base_scale=base_scale,
+                ratio_range=tuple(config.ratio_range), cat_max_ratio=config.cat_max_ratio)
+
+
+def build_training_stream(config: TrainConfig, shape: RunShape, strategy, start_step: int, low=False):
+    """The training stream from `start_step` (a resumed stream counts the records of a pass), distributed."""
+    sizing = training_sizing(config, low)
 
     def train_fn(ctx):
         # A pipeline feeds (replicas / pipelines) replicas one batch each per step; a resumed run
@@ -197,10 +205,20 @@ def build_datasets(config: TrainConfig, shape: RunShape, strategy, start_step: i
             ctx.num_replicas_in_sync // ctx.num_input_pipelines)
         return data.build_dataset(
             config.data, "train", training=True, repeat=True, input_context=ctx,
-            batch_size=shape.examples_per_step, shuffle_seed=config.seed, cache=cache,
+            batch_size=shape.examples_per_step, shuffle_seed=config.seed, cache=config.cache,
             start_example=start_step * per_step, **sizing)
 
-    train = strategy.distribute_datasets_from_function(train_fn)
+    return strategy.distribute_datasets_from_function(train_fn)
+
+
+def build_datasets(config: TrainConfig, shape: RunShape, strategy, start_step: int, log=print,
+                   low=False) -> Datasets:
+    """The training stream from `start_step` (`low`: at a progressive run's first size) and the val split."""
+    cache, lock = config.cache, None
+    if cache not in (None, "memory") and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        lock = data.claim_file_cache(cache, log=log)
+    train = build_training_stream(config, shape, strategy, start_step, low)
+
     # Validation follows the inference contract on whole images at their original size, as
     # evaluate, predict and the export do; images of several sizes go one per replica.
     per_replica = config.val_batch_size if tfrecord.has_one_image_size(shape.info, shape.val_split) else 1

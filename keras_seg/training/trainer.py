@@ -30,6 +30,9 @@ from keras_seg.run_dir import History, RunDir, weights_fingerprint
 from keras_seg.training import cadence, loop, outputs, precision_probe, setup
 from keras_seg.training.step import make_eval_step, make_train_steps
 
+# The worst and best val images the run report shows.
+REPORT_IMAGES = 4
+
 # The training iterator of the latest run in this process (`keep_until_exit`).
 _KEPT_ITERATORS = []
 
@@ -72,6 +75,7 @@ class Trainer(loop.Hooks):
         self.total_steps = setup.fixed_total(config, self.shape)
         self.state = None
         self.timing = None
+        self._final_scores, self._best_step = None, None
 
     # The state's parts under the names a reader of a run looks for.
     model = property(lambda self: self.state.model)
@@ -108,8 +112,11 @@ class Trainer(loop.Hooks):
         self._spent_before = float(state.elapsed.numpy())  # by the processes this run was resumed from
         planner = self._planner() if config.time_budget else None
         self._write_config()
+        # A progressive run starts at its first size until the schedule's progress reaches its share.
+        self._low_size = bool(config.progressive) and float(state.schedule.progress(start_step)) < config.progressive
         try:
-            self.datasets = setup.build_datasets(config, shape, self.strategy, start_step, log=self.log)
+            self.datasets = setup.build_datasets(config, shape, self.strategy, start_step, log=self.log,
+                                                 low=self._low_size)
         except (tf.errors.DataLossError, tf.errors.InternalError) as err:
             raise self._damaged_data(err) from None
         self.train_steps = make_train_steps(state, config, self.strategy, log=self.log)
@@ -191,6 +198,10 @@ class Trainer(loop.Hooks):
                  f"{shape.global_batch}" + (f" x{config.accumulate} accumulated" if config.accumulate > 1 else "")
                  + f", {shape.steps_per_epoch} steps/epoch, {length}")
         self.log(f"precision {self.precision}: {self.precision_reason}")
+        if config.progressive:
+            height, width = setup.progressive_size(config)
+            self.log(f"progressive: {height}x{width} until the schedule's progress reaches {config.progressive:g}, "
+                     f"then {config.image_size[0]}x{config.image_size[1]}")
         onednn = distribute.onednn_state()
         self.log(f"oneDNN {'on' if onednn['enabled'] else 'off'} ({onednn['why']})")
         if config.scale_lr_to_batch:
@@ -204,6 +215,23 @@ class Trainer(loop.Hooks):
         self._since["loss"] += loss * steps
         self._since["steps"] += steps
         return loss
+
+    def change_input(self, step):
+        """A progressive run's switch to its full size, once the schedule's progress reaches its share."""
+        config = self.config
+        if not self._low_size or float(self.state.schedule.progress(step)) < config.progressive:
+            return False
+        try:
+            train = setup.build_training_stream(config, self.shape, self.strategy, step)
+        except (tf.errors.DataLossError, tf.errors.InternalError) as err:
+            raise self._damaged_data(err) from None
+        self.datasets.train, self.iterator, self._low_size = train, iter(train), False
+        if config.cache in (None, "memory"):  # both sizes' iterators kept, as the run's one is (keep_until_exit)
+            _KEPT_ITERATORS.append(self.iterator)
+        height, width = config.image_size
+        self.log(f"progressive: from step {step} (progress {float(self.state.schedule.progress(step)):.2f} of "
+                 f"{config.progressive:g}) at {height}x{width}")
+        return True
 
     def set_segment(self, step, progress, per_step, cap):
         self.state.schedule.set_segment(step, progress, per_step, cap)
@@ -235,13 +263,18 @@ class Trainer(loop.Hooks):
         config, shape, state = self.config, self.shape, self.state
         since = self._since
         loss, seconds = since["loss"] / max(since["steps"], 1), time.perf_counter() - since["started"]
-        state.val_iou.reset_state()
         if state.inference_model is not state.model:
             state.inference_model.set_weights(state.model.get_weights())
-        for batch in itertools.islice(self.datasets.val, batches):
-            self.eval_step(batch)
-        result = metrics.summarize_confusion(state.val_iou.confusion_matrix(), shape.class_names,
-                                             shape.info.get("label_space"))
+        if final and config.time_budget and self.chief:
+            # Image by image, so that the report takes this scoring rather than scoring the split again.
+            result, scores = self._score_images(batches)
+            self._final_scores = (result, scores)
+        else:
+            state.val_iou.reset_state()
+            for batch in itertools.islice(self.datasets.val, batches):
+                self.eval_step(batch)
+            result = metrics.summarize_confusion(state.val_iou.confusion_matrix(), shape.class_names,
+                                                 shape.info.get("label_space"))
         epoch = step / shape.steps_per_epoch
         row = {"step": step, "epoch": round(epoch, 3), "loss": loss, "train_miou": float(state.train_iou.result()),
                "val_miou": result["miou"], "val_pixel_accuracy": result["pixel_accuracy"],
@@ -265,6 +298,7 @@ class Trainer(loop.Hooks):
             state.wait.assign(0)
             line += "  * best"
             self._best = (step, epoch, result)
+            self._best_step = step
         else:
             state.wait.assign_add(1)
             if config.schedule == "plateau" and int(state.wait.numpy()) % config.plateau_patience == 0:
@@ -277,6 +311,22 @@ class Trainer(loop.Hooks):
         since.update(loss=0.0, steps=0, started=time.perf_counter())
         state.train_iou.reset_state()
         return improved
+
+    def _score_images(self, batches):
+        """The split (its first `batches` val batches) scored as `evaluate` scores it, image by image:
+        (metrics, the report's ImageScores)."""
+        from keras_seg import inference
+        from keras_seg.report.collect import ImageScores
+        from keras_seg.scoring import evaluate_split
+
+        config, shape = self.config, self.shape
+        info = inference.model_info(config.to_dict(), shape.info)
+        segmenter = inference.segmenter_from_model(self.state.inference_model, info)
+        scores = ImageScores(REPORT_IMAGES)
+        limit = batches * config.val_batch_size if batches else 0
+        result = evaluate_split(segmenter, config.data, split=shape.val_split, batch_size=config.val_batch_size,
+                                limit=limit, progress=False, on_image=scores)
+        return result, scores
 
     def save_best(self, step):
         if self.chief:
@@ -382,8 +432,12 @@ class Trainer(loop.Hooks):
                 self.timing["final_phase_seconds"] = time.time() - finish_started
                 outputs.write_timing(self.run_dir, self.timing)
 
+            # The final validation's image scores serve the report when its model is best.keras.
+            final_best = self._final_scores is not None and self._best_step == int(self.state.step.numpy())
+            limit = planner.val_batches * config.val_batch_size if planner is not None and planner.val_batches else 0
             outputs.write_final_products(self.run_dir, config, self.model, self.pictures, log=self.log,
-                                         timing=self.timing, before_report=close_timing)
+                                         timing=self.timing, before_report=close_timing,
+                                         scored=self._final_scores if final_best else None, limit=limit)
 
     def _damaged_data(self, err):
         """A damaged read as one line; an InternalError is one only with a file cache (a truncated cache
