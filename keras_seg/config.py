@@ -82,7 +82,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_iters: Optional[int] = None  # takes precedence over warmup_epochs when set (0: no warm-up)
     warmup_epochs: float = 1.0
-    final_lr_ratio: Optional[float] = None  # None: the shape's default (keras_seg.schedules)
+    final_lr_ratio: Optional[float] = None  # None: the shape's default (keras_seg.training.schedules)
     poly_power: float = 0.9
     plateau_patience: int = 3  # validations without improvement before the plateau cut
     plateau_factor: float = 0.5

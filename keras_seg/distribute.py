@@ -12,7 +12,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
 # `choose_precision`'s answer where only a measurement of the run's own step can decide
-# (`keras_seg.precision_probe`): a CPU with bfloat16 instructions.
+# (`keras_seg.training.precision_probe`): a CPU with bfloat16 instructions.
 MEASURE = "measure"
 
 
@@ -49,7 +49,7 @@ def choose_precision(name: str, gpus=None) -> tuple:
       brings little and costs loss scaling);
     - on a CPU never mixed_float16 (about 5x slower than float32 on CPU-A, docs/performance.md);
       with bfloat16 instructions (AMX, or AVX512-BF16 without it), `MEASURE`: the faster of the two
-      on the run's own step decides (`keras_seg.precision_probe`; bfloat16 was 1.2-1.8x faster for
+      on the run's own step decides (`keras_seg.training.precision_probe`; bfloat16 was 1.2-1.8x faster for
       the UNets with AMX on CPU-A, and 1.3x slower for LR-ASPP MobileNetV3 both on CPU-C, without
       AMX, and on CPU-D, with it); where the run is too short to pay for the measurement, AMX
       gives mixed_bfloat16 and AVX512-BF16 alone float32; else float32.

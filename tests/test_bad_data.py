@@ -14,7 +14,7 @@ from tiny_run import write_run
 
 from keras_seg import demo, predict, tfrecord
 from keras_seg import evaluate as evaluate_cli
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 
 CUT_BYTES = 100  # cut off the end of the shard's last record
 

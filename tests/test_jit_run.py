@@ -4,7 +4,7 @@ the weights of the same run without it."""
 import numpy as np
 import pytest
 
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 from test_train import make_config, tiny_data  # noqa: F401 (fixture)
 
 

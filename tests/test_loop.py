@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras_seg import data, demo, distribute
 from keras_seg import train as train_cli
 from keras_seg.models.presets import build_model, get_preset
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 
 from test_train import REPO, make_config, read_history, tiny_data  # noqa: F401 (fixture)
 

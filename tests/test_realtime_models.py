@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras_seg import export
 from keras_seg.models.ddrnet import build_ddrnet
 from keras_seg.models.lraspp import build_lraspp
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 
 from test_finetune import make_config, quiet
 from test_train import tiny_data  # noqa: F401 (fixture)

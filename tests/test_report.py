@@ -17,7 +17,7 @@ import pytest
 
 from keras_seg import evaluate, inference, report
 from keras_seg.report.__main__ import main as report_main
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 from test_train import REPO, make_config, tiny_data  # noqa: F401 (fixture)
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}

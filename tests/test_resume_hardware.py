@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from keras_seg import distribute
 from keras_seg import train as train_cli
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 from test_train import REPO, make_config, tiny_data  # noqa: F401 (fixture)
 
 

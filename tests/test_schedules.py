@@ -205,7 +205,7 @@ def test_a_budget_run_shorter_than_its_warmup_ends_at_the_schedules_end_value(ti
     the linear schedule's end value, 0 (it ended still rising before)."""
     import time
 
-    from keras_seg.trainer import Trainer
+    from keras_seg.training.trainer import Trainer
     from test_train import make_config
 
     lines = []

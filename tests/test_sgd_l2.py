@@ -16,7 +16,7 @@ from test_train import tiny_data  # noqa: F401 (fixture)
 from keras_seg.config import TrainConfig
 from keras_seg.recipes import get_recipe
 from keras_seg.replicas import apply_global_gradients
-from keras_seg.trainer import build_optimizer
+from keras_seg.training.step import build_optimizer
 
 LR, MU, WD = 0.01, 0.9, 5e-4
 

@@ -21,7 +21,7 @@ from contract_reference import keras_probabilities, numpy_confusion, reference_p
 from keras_seg import demo, evaluate, tfrecord
 from keras_seg import train as train_cli
 from keras_seg.models.presets import get_preset
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

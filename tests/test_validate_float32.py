@@ -7,7 +7,7 @@ import keras
 import pytest
 
 from keras_seg import evaluate
-from keras_seg.trainer import Trainer
+from keras_seg.training.trainer import Trainer
 from test_train import make_config, read_history, tiny_data  # noqa: F401 (fixture)
 
 
