@@ -2,55 +2,65 @@
 
 One process trains `unet_small` (a stride-2 stem, 4 levels of 16 -> 256 filters, batch norm,
 ReLU, transposed-conv up-sampling, logits up-sampled bilinearly x2) on one random batch
-(128x256, batch 8, float32, 19 classes, 255 = ignore on some pixels, made once) with Keras /
-TensorFlow and, when `torch` imports, the same architecture written in `torch.nn` (NCHW).
+(128x256, batch 8, float32, 19 classes, 255 = ignore on some pixels, made once) with the
+trainer's own compiled step and, when `torch` imports, the same architecture written in
+`torch.nn` (NCHW).
 
-Every variant, on both sides, takes the trainer's update: AdamW at lr 1e-3, weight decay 1e-4
-on every weight of rank >= 2 (none on biases and batch-norm parameters), gradients clipped to a
-global norm of 1.0. The Keras steps are `tf.function`s (XLA with `--jit`), each adding one piece
-of the trainer's step (`keras_seg.trainer.Trainer._make_steps`) to the one before:
+The Keras side is the step a training run compiles, not a copy of it:
+`keras_seg.training.bench.FixedBatchStep` builds it from the config that
+`python -m keras_seg.train --preset unet_small --data DIR --precision float32` resolves (the
+preset's augmentation, CE + Dice with ENet class weights from the batch's pixel counts, the train
+mIoU's confusion matrix, AdamW with the trainer's global-norm clipping and learning-rate
+schedule), fed the batch through the strategy. Its lighter variants are the same step with the
+train command's overrides; the confusion matrix is part of every one (the real step always keeps
+the train mIoU), so the old "keras 4" breakdown, which added it last, is gone:
 
-  keras 1  model + CE (ignore 255), through `replicas.global_batch_loss` / `apply_global_gradients`
-  keras 2  + `augment.augment_segmentation`, seeded by the step counter (`AugmentConfig()`)
-  keras 3  + CE + Dice with ENet class weights from the batch's pixel counts
-  keras 4  + the train mIoU's confusion matrix (`metrics.MeanIoU.update_state`): the trainer's step,
-           but for a constant learning rate (the trainer's follows its schedule) and a constant
-           batch (the trainer's comes from its input pipeline)
-  torch a  model + CE (ignore_index=255)
+  keras 1  --no-augment --loss ce --class-weights none: model + CE (+ confusion matrix)
+  keras 2  --loss ce --class-weights none: + the preset's augmentation
+  keras 3  the preset's step as a run trains it: + CE + Dice with ENet weights
+  torch a  model + CE (ignore_index=255): no confusion matrix
   torch b  + random horizontal flips per sample, CE + Dice with the same weights and definitions
            as `keras_seg.losses` (the CE sum is divided by the valid pixels, not by their weights),
-           and a `bincount` confusion matrix over the valid pixels: the work of keras 4
+           and a `bincount` confusion matrix over the valid pixels: the work of keras 3
 
-The PyTorch side flips only, while `AugmentConfig()` also scales, rotates and jitters colours:
-`--augment flip` gives the Keras side the same flips alone, for a like-for-like keras 4 / torch b.
+Both sides take the run's update: AdamW with the config's weight decay (none on biases and
+batch-norm parameters), gradients clipped to the config's global norm (1.0); the Keras side's rate
+follows the run's schedule, PyTorch's stays at the config's base rate (the rate costs nothing). The PyTorch side
+flips only, while the preset also scales, jitters colours and changes saturation and hue:
+`--augment flip` gives the Keras side the same flips alone (`--no-augment --augment
+flip_prob=0.5`), for a like-for-like keras 3 / torch b.
 
 After the warm-up steps (the first call traces and compiles), the variants take their timed
 steps round-robin, one step each in turn, so that load from other processes on a shared machine
 falls on them all alike; each figure is the median over the timed steps. Each Keras step is one
-call of its `tf.function` (the trainer runs `steps_per_call` steps in one call).
+call of the compiled loop running `--steps-per-call` steps (default 1; the trainer runs 10 in a
+call, `steps_per_call`), timed per step.
 
     python tools/bench_vs_torch.py                        # about 2 minutes on 2 cores
     python tools/bench_vs_torch.py --steps 3 --warmup 1   # a smoke check
     python tools/bench_vs_torch.py --augment flip --jit --only keras
 
-Reading it: the header gives the CPU (bf16 matrix units: avx512_bf16, amx), the versions and the
-thread settings; the load average and CPU pressure (the share of time a task waited for a CPU),
-before and after, tell whether other work shared the cores: a load above the core count or a
-pressure well above 0 makes every figure noisy. PyTorch's OpenMP threads wait for each other at
-every operation; spinning while they wait (libgomp spins a while by default), one thread held off
-its core stalls them all: on a shared 2-core machine PyTorch's bare step then took anywhere from
-0.3 s to 4.5 s. So the script sets `OMP_WAIT_POLICY=PASSIVE` (threads sleep while they wait)
-unless the environment sets it; the header shows it. Both parameter counts are printed: the
-trainable ones must be equal, or the two models differ. A wide min - max spread of a variant's
-steps says its median is not to be trusted. The ratios at the end are Keras img/s / PyTorch
-img/s: below 1, the Keras step is the slower one.
+Reading it: the header gives the CPU (bf16 matrix units: avx512_bf16, amx), whether TensorFlow's
+oneDNN kernels are on (keras-seg turns them on unless TF_ENABLE_ONEDNN_OPTS is set), the
+versions and the thread settings; the load average and CPU pressure (the share of time a task
+waited for a CPU), before and after, tell whether other work shared the cores: a load above the
+core count or a pressure well above 0 makes every figure noisy. PyTorch's OpenMP threads wait for
+each other at every operation; spinning while they wait (libgomp spins a while by default), one
+thread held off its core stalls them all: on a shared 2-core machine PyTorch's bare step then took
+anywhere from 0.3 s to 4.5 s. So the script sets `OMP_WAIT_POLICY=PASSIVE` (threads sleep while
+they wait) unless the environment sets it; the header shows it. Both parameter counts are
+printed: the trainable ones must be equal, or the two models differ. A wide min - max spread of a
+variant's steps says its median is not to be trusted. The ratios at the end are Keras img/s /
+PyTorch img/s: below 1, the Keras step is the slower one.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -61,18 +71,17 @@ import numpy as np
 # loads an OpenMP runtime; OMP_WAIT_POLICY=ACTIVE in the environment measures the spinning default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from keras_seg.quiet import import_tensorflow  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from keras_seg.quiet import import_tensorflow, native_stderr_filtered_while_running  # noqa: E402  (sets oneDNN's variable first)
 
 tf = import_tensorflow()
 
 import keras  # noqa: E402
 
-from keras_seg import augment, losses, metrics  # noqa: E402
-from keras_seg.config import TrainConfig  # noqa: E402
+from keras_seg import losses  # noqa: E402
+from keras_seg.distribute import onednn_state  # noqa: E402
 from keras_seg.labels import IGNORE_INDEX  # noqa: E402
-from keras_seg.models.presets import build_model  # noqa: E402
-from keras_seg.replicas import apply_global_gradients, global_batch_loss  # noqa: E402
-from keras_seg.trainer import build_optimizer  # noqa: E402
 
 try:
     import torch
@@ -81,45 +90,36 @@ try:
 except ImportError:
     torch = None
 
-NUM_CLASSES = 19
-LEARNING_RATE = 1e-3
-CLIPNORM = 1.0  # the trainer's default (TrainConfig.clipnorm)
-IGNORED_FRACTION = 0.05  # of the mask pixels
+
+def load_profile_step():
+    """tools/profile_step.py, which holds the real step's helpers (tools/ is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile_step.py")
+    spec = importlib.util.spec_from_file_location("keras_seg_tools_profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+profile_step = load_profile_step()
+NUM_CLASSES = profile_step.NUM_CLASSES
+PRESET = "unet_small"
 # unet_small's layers (keras_seg.models.presets), for the PyTorch copy.
 DEPTH, BASE_FILTERS, STEM_STRIDE = 4, 16, 2
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------- the machine
 
 
-def cpu_model_and_flags():
-    """The CPU's model name and flags from /proc/cpuinfo ("unknown" and none elsewhere)."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
-
-
 def print_machine(torch_state):
-    model, flags = cpu_model_and_flags()
-    present = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
-    print(f"CPU: {model}, {os.cpu_count()} cores; {present}")
+    print(profile_step.cpu_description())
     torch_version = torch.__version__ if torch is not None else "absent"
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, PyTorch {torch_version}")
     intra = tf.config.threading.get_intra_op_parallelism_threads()
     inter = tf.config.threading.get_inter_op_parallelism_threads()
+    onednn = onednn_state()
     print(f"TF threads: intra-op {intra or 'default'}, inter-op {inter or 'default'} (0 = one per core); "
-          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}")
+          f"oneDNN {'on' if onednn['enabled'] else 'off'} ({onednn['why']})")
     if torch_state == "run":
         print(f"torch threads: {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op, "
               f"mkldnn {torch.backends.mkldnn.is_available()}")
@@ -129,7 +129,7 @@ def print_machine(torch_state):
 
 def load_now():
     """The load average and, where the kernel reports it, the share of time a task waited for a CPU."""
-    text = "load average " + " ".join(f"{load:.2f}" for load in os.getloadavg())
+    text = profile_step.load_average()
     try:
         with open("/proc/pressure/cpu") as pressure:
             some = dict(field.split("=") for field in pressure.readline().split()[1:])
@@ -139,79 +139,28 @@ def load_now():
     return text
 
 
-# --------------------------------------------------------------------------- the batch
-
-
-def random_batch(batch, height, width, seed=0):
-    """Images in [0, 1] on the uint8 grid [B, H, W, 3], and uint8 masks [B, H, W].
-
-    Classes are drawn with unequal frequencies so that the ENet weights differ between classes;
-    a few pixels are ignored.
-    """
-    rng = np.random.default_rng(seed)
-    images = np.round(rng.random((batch, height, width, 3)) * 255.0).astype(np.float32) / 255.0
-    frequencies = 1.0 / np.arange(1, NUM_CLASSES + 1)
-    masks = rng.choice(NUM_CLASSES, size=(batch, height, width), p=frequencies / frequencies.sum()).astype(np.uint8)
-    masks[rng.random(masks.shape) < IGNORED_FRACTION] = IGNORE_INDEX
-    return images, masks
-
-
 def class_pixel_counts(masks):
     return np.bincount(masks[masks != IGNORE_INDEX].ravel(), minlength=NUM_CLASSES)
 
 
-# --------------------------------------------------------------------------- Keras / TensorFlow
+# --------------------------------------------------------------------------- Keras / TensorFlow: the real step
 
-# name -> (augmentation on, loss spec, class weights, confusion matrix on)
+# name -> the train command's overrides of the preset's step
 KERAS_VARIANTS = {
-    "keras 1  model + CE": (False, "ce", None, False),
-    "keras 2  + augmentation": (True, "ce", None, False),
-    "keras 3  + CE+Dice, ENet weights": (True, "ce+dice", "enet", False),
-    "keras 4  + confusion matrix (trainer)": (True, "ce+dice", "enet", True),
-    # The trainer's step before its cross-entropy left TF's fused sparse kernel (docs/performance.md).
-    "keras 4- before: fused sparse CE": (True, "sparse-ce+dice", "enet", True),
+    "keras 1  model + CE, no augmentation": ["--no-augment", "--loss", "ce", "--class-weights", "none"],
+    "keras 2  + augmentation": ["--loss", "ce", "--class-weights", "none"],
+    "keras 3  + CE+Dice, ENet weights (trainer)": [],
 }
+FLIPS_ONLY = ["--no-augment", "--augment", "flip_prob=0.5"]
 
 
-class FusedSparseCrossEntropy(losses.CrossEntropyLoss):
-    """keras_seg's cross-entropy as it was: TF's SparseSoftmaxCrossEntropyWithLogits, for comparison."""
-
-    def _pixel_losses(self, y_true, y_pred):
-        labels, valid, logits = losses._labels_and_logits(y_true, y_pred, self.ignore_index)
-        nll = keras.ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        return nll * self._pixel_weights(labels), valid
-
-
-def build_variant_loss(loss_spec, class_weights, counts):
-    if loss_spec != "sparse-ce+dice":
-        return losses.build_loss(loss_spec, num_classes=NUM_CLASSES, class_weights=class_weights,
-                                 class_pixel_counts=counts)
-    weights = losses.compute_class_weights(counts, class_weights)
-    return losses.CombinedLoss([(1.0, FusedSparseCrossEntropy(weights)), (1.0, losses.DiceLoss(class_weights=weights))])
-
-
-def make_keras_step(model, optimizer, loss_fn, augment_config, iou, counter, jit):
-    """One compiled training step of `model`, as the trainer's `replica_train_step` on one device.
-
-    `augment_config` and `iou` are None in the variants without augmentation or metric.
-    """
-
-    def train_step(images, masks):
-        if augment_config is not None:
-            # Seeded by the step counter, as in the trainer (seed 0).
-            seed = tf.stack([tf.constant(0, tf.int64), counter.read_value()])
-            images, masks = augment.augment_segmentation(images, masks, seed, augment_config)
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            loss = global_batch_loss(loss_fn, masks, logits)
-        grads = tape.gradient(loss, model.trainable_variables)
-        if iou is not None:
-            iou.update_state(masks, logits)
-        apply_global_gradients(optimizer, grads, model.trainable_variables, CLIPNORM)
-        counter.assign_add(1)
-        return loss
-
-    return tf.function(train_step, jit_compile=jit)
+def run_config(size, batch, jit, flips_only, variant=()):
+    """The config `keras_seg.train --preset unet_small` resolves with the bench's size, batch and a
+    variant's overrides."""
+    height, width = size
+    overrides = ["--precision", "float32", "--image-size", f"{height}x{width}", "--batch-size", str(batch),
+                 *(["--jit"] if jit else []), *(FLIPS_ONLY if flips_only else []), *variant]
+    return profile_step.step_config(PRESET, overrides=overrides)
 
 
 def keras_parameter_counts(model):
@@ -219,23 +168,15 @@ def keras_parameter_counts(model):
     return trainable, model.count_params()
 
 
-def keras_steps(images, masks, size, augment_config, jit):
-    """{variant name: a callable running one step and returning its loss}, and the model."""
-    keras.utils.set_random_seed(0)
-    model = build_model("unet_small", NUM_CLASSES, input_size=size)
-    # The trainer's optimizer: its clipping is left to apply_global_gradients, as in the trainer.
-    optimizer = build_optimizer(TrainConfig(), LEARNING_RATE, model.trainable_variables, clip=False)
-    optimizer.build(model.trainable_variables)
-    counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    counts = class_pixel_counts(masks)
-    images, masks = tf.constant(images), tf.constant(masks)
+def keras_steps(images, masks, configs, steps_per_call):
+    """{variant name: a callable running `steps_per_call` real steps}, and one of their models."""
+    from keras_seg.training.bench import FixedBatchStep
+
     steps = {}
-    for name, (augmented, loss_spec, class_weights, with_iou) in KERAS_VARIANTS.items():
-        loss_fn = build_variant_loss(loss_spec, class_weights, counts)
-        iou = metrics.MeanIoU(NUM_CLASSES) if with_iou else None
-        step = make_keras_step(model, optimizer, loss_fn, augment_config if augmented else None, iou, counter, jit)
-        steps[name] = lambda step=step: float(step(images, masks))
-    return steps, model
+    for name, config in configs.items():
+        step = FixedBatchStep(config, images, masks, NUM_CLASSES, precision="float32")
+        steps[name] = lambda step=step: step(steps_per_call)
+    return steps, step.model
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -293,13 +234,12 @@ def torch_parameter_counts(unet):
     return trainable, trainable + moving_statistics
 
 
-def torch_adamw(unet):
-    """The trainer's AdamW (keras_seg.trainer.build_optimizer): no weight decay on rank <= 1, Keras' epsilon."""
-    config = TrainConfig()
+def torch_adamw(unet, config):
+    """The run's AdamW (keras_seg.training.step.build_optimizer): no weight decay on rank <= 1, Keras' epsilon."""
     decayed = [parameter for parameter in unet.parameters() if parameter.ndim > 1]
     not_decayed = [parameter for parameter in unet.parameters() if parameter.ndim <= 1]
     groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=LEARNING_RATE, eps=1e-7)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, eps=1e-7)
 
 
 def torch_cross_entropy(logits, masks, class_weights=None):
@@ -335,19 +275,20 @@ def update_confusion(confusion, masks, logits):
     confusion += torch.bincount(cells, minlength=NUM_CLASSES**2).view(NUM_CLASSES, NUM_CLASSES)
 
 
-def torch_update(unet, optimizer, loss):
+def torch_update(unet, optimizer, loss, clipnorm):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(unet.parameters(), CLIPNORM)
+    nn.utils.clip_grad_norm_(unet.parameters(), clipnorm)
     optimizer.step()
 
 
-def torch_steps(images, masks, channels_last):
-    """{variant name: a callable running one step and returning its loss}, and the model."""
+def torch_steps(images, masks, channels_last, config):
+    """{variant name: a callable running one step and returning its loss}, and the model; the update is
+    `config`'s (the Keras side's run config)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     unet = build_torch_unet(NUM_CLASSES).to(memory_format=memory_format).train()
-    optimizer = torch_adamw(unet)
+    optimizer = torch_adamw(unet, config)
     class_weights = torch.from_numpy(losses.compute_class_weights(class_pixel_counts(masks), "enet"))
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -356,7 +297,7 @@ def torch_steps(images, masks, channels_last):
     def bare_step():
         logits = torch_unet_forward(unet, images.contiguous(memory_format=memory_format))
         loss = torch_cross_entropy(logits, masks)
-        torch_update(unet, optimizer, loss)
+        torch_update(unet, optimizer, loss, config.clipnorm)
         return loss.item()
 
     def trainer_like_step():
@@ -364,7 +305,7 @@ def torch_steps(images, masks, channels_last):
         logits = torch_unet_forward(unet, flipped_images.contiguous(memory_format=memory_format))
         cross_entropy = torch_cross_entropy(logits, flipped_masks, class_weights)
         loss = cross_entropy + torch_dice(logits, flipped_masks, class_weights)
-        torch_update(unet, optimizer, loss)
+        torch_update(unet, optimizer, loss, config.clipnorm)
         with torch.no_grad():
             update_confusion(confusion, flipped_masks, logits)
         return loss.item()
@@ -375,8 +316,11 @@ def torch_steps(images, masks, channels_last):
 # --------------------------------------------------------------------------- timing
 
 
-def time_round_robin(steps, warmup, timed):
-    """Seconds of the first call and of each timed step, per variant: {name: (first, [seconds, ...])}."""
+def time_round_robin(steps, warmup, timed, steps_per_call=None):
+    """Seconds of the first call and of each timed step, per variant: {name: (first, [seconds, ...])}.
+
+    `steps_per_call` {name: k}: a call of that variant runs k steps (its seconds are per step)."""
+    per_call = steps_per_call or {}
     first = {}
     for name, step in steps.items():
         started = time.perf_counter()
@@ -389,7 +333,7 @@ def time_round_robin(steps, warmup, timed):
         for name, step in steps.items():
             started = time.perf_counter()
             step()  # returns a Python float: the step has finished
-            seconds[name].append(time.perf_counter() - started)
+            seconds[name].append((time.perf_counter() - started) / per_call.get(name, 1))
     return {name: (first[name], seconds[name]) for name in steps}
 
 
@@ -405,12 +349,12 @@ def print_results(results, batch):
     return throughput
 
 
-def print_ratio(throughput, keras_prefix, torch_prefix):
+def print_ratio(throughput, keras_prefix, torch_prefix, note=""):
     keras_name = next((name for name in throughput if name.startswith(keras_prefix)), None)
     torch_name = next((name for name in throughput if name.startswith(torch_prefix)), None)
     if keras_name and torch_name:
         ratio = throughput[keras_name] / throughput[torch_name]
-        print(f"{keras_prefix.title()} / {torch_prefix.replace('torch', 'PyTorch')} img/s: {ratio:.3f}")
+        print(f"{keras_prefix.title()} / {torch_prefix.replace('torch', 'PyTorch')} img/s: {ratio:.3f}{note}")
 
 
 # --------------------------------------------------------------------------- main
@@ -418,28 +362,45 @@ def print_ratio(throughput, keras_prefix, torch_prefix):
 
 def parse_size(text):
     height, _, width = text.lower().partition("x")
-    return int(height), int(width)
+    try:
+        return int(height), int(width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 128x256, got {text!r}") from None
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant, the first compiles (>= 1)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=parse_size, default=(128, 256), help="HxW, multiples of 32")
-    parser.add_argument("--jit", action="store_true", help="compile the Keras steps with XLA")
+    parser.add_argument("--batch", "--batch-size", type=int, default=8)
+    parser.add_argument("--size", "--image-size", type=parse_size, default=(128, 256), help="HxW, multiples of 32")
+    parser.add_argument("--jit", action="store_true", help="compile the Keras steps with XLA (train --jit)")
     parser.add_argument("--only", choices=("keras", "torch"), help="run one side only")
     parser.add_argument("--augment", choices=("default", "flip"), default="default",
-                        help="Keras augmentation: AugmentConfig() or horizontal flips only (as the PyTorch side)")
+                        help="Keras augmentation: the preset's, or horizontal flips only (as the PyTorch side)")
+    parser.add_argument("--steps-per-call", type=int, default=1,
+                        help="Keras steps in one call of the compiled loop (the trainer: 10); timed per step")
     parser.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1 (the first warm-up step compiles)")
+    if args.steps < 1 or args.warmup < 1 or args.batch < 1 or args.steps_per_call < 1:
+        parser.error("--steps, --warmup, --batch and --steps-per-call must be >= 1 (the first warm-up step compiles)")
     return args
 
 
 def main():
     args = parse_args()
+    # tf.distribute's per-device iterator logs a notice at each step's first call: filtered, as train does.
+    with native_stderr_filtered_while_running():
+        bench(args)
+
+
+def bench(args):
+    height, width = args.size
+    # Every config first: a bad size is one line before anything is built.
+    configs = {} if args.only == "torch" else {
+        name: run_config(args.size, args.batch, args.jit, args.augment == "flip", variant)
+        for name, variant in KERAS_VARIANTS.items()}
+    trainer_config = run_config(args.size, args.batch, args.jit, args.augment == "flip")
     if args.only == "keras":
         torch_state = "not run (--only keras)"
     elif torch is None:
@@ -448,31 +409,31 @@ def main():
         torch_state = "run"
         torch.set_num_threads(os.cpu_count())
     print_machine(torch_state)
-    height, width = args.size
-    augment_config = augment.AugmentConfig() if args.augment == "default" else augment.AugmentConfig.disabled(
-        flip_prob=0.5)
     torch_setting = ("channels_last" if args.channels_last else "NCHW") if torch_state == "run" else torch_state
-    print(f"unet_small {height}x{width}, batch {args.batch}, float32, {NUM_CLASSES} classes; Keras step "
-          f"{'XLA' if args.jit else 'tf.function'}, augmentation {args.augment}; PyTorch {torch_setting}")
+    augmentation = "the preset's" if args.augment == "default" else "flips only"
+    print(f"{PRESET} {height}x{width}, batch {args.batch}, float32, {NUM_CLASSES} classes; Keras: the trainer's step "
+          f"({'XLA' if args.jit else 'tf.function'}, {args.steps_per_call} a call), augmentation {augmentation}; "
+          f"PyTorch {torch_setting}")
     print(f"{args.warmup} warm-up and {args.steps} timed steps per variant; {load_now()} (before)")
 
-    images, masks = random_batch(args.batch, height, width)
-    steps, counts = {}, []
-    if args.only != "torch":
-        keras_variant_steps, model = keras_steps(images, masks, (height, width), augment_config, args.jit)
+    images, masks = profile_step.random_batch(args.batch, height, width)
+    steps, counts, per_call = {}, [], {}
+    if configs:
+        keras_variant_steps, model = keras_steps(images, masks, configs, args.steps_per_call)
         steps.update(keras_variant_steps)
+        per_call = {name: args.steps_per_call for name in keras_variant_steps}
         counts.append(("Keras", keras_parameter_counts(model)))
     if torch_state == "run":
-        torch_variant_steps, unet = torch_steps(images, masks, args.channels_last)
+        torch_variant_steps, unet = torch_steps(images, masks, args.channels_last, trainer_config)
         steps.update(torch_variant_steps)
         counts.append(("PyTorch", torch_parameter_counts(unet)))
     for side, (trainable, total) in counts:
         print(f"{side} parameters: {trainable:,} trainable, {total:,} with the batch-norm statistics")
 
-    results = time_round_robin(steps, args.warmup, args.steps)
+    results = time_round_robin(steps, args.warmup, args.steps, per_call)
     throughput = print_results(results, args.batch)
-    print_ratio(throughput, "keras 4", "torch b")
-    print_ratio(throughput, "keras 1", "torch a")
+    print_ratio(throughput, "keras 3", "torch b")
+    print_ratio(throughput, "keras 1", "torch a", " (keras 1 updates a confusion matrix, torch a does not)")
     print(load_now() + " (after)")
 
 
