@@ -14,9 +14,9 @@ calls of `--steps-per-call` (the trainer runs `steps_per_call` = 10 steps in a c
                   without --data: 64x128, 16 base filters, batch 16, CE)
   unet_small      `--preset unet_small --data DIR`: 128x256, batch 8, CE + Dice with ENet weights
 
-    python tools/bench_onednn.py                                      # 2 rounds x 2 settings, ~4 min on 2 cores
-    python tools/bench_onednn.py --rounds 1 --steps 2 --steps-per-call 2 --warmup 1   # a smoke check
-    python tools/bench_onednn.py --isa avx2                           # oneDNN limited to AVX2
+    python tools/bench_onednn.py                  # 2 rounds x 2 settings: 5 minutes on a shared 2-core machine
+    python tools/bench_onednn.py --rounds 1 --steps 2 --steps-per-call 2 --warmup 1   # a smoke check: 1 minute
+    python tools/bench_onednn.py --isa avx2       # oneDNN limited to AVX2
 
 It prints the CPU (lscpu's model name, family and model, and the flags TensorFlow's kernels
 depend on), what TensorFlow chooses by itself on this CPU (`IsMklEnabled()` in a process where the

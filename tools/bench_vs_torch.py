@@ -36,7 +36,7 @@ falls on them all alike; each figure is the median over the timed steps. Each Ke
 call of the compiled loop running `--steps-per-call` steps (default 1; the trainer runs 10 in a
 call, `steps_per_call`), timed per step.
 
-    python tools/bench_vs_torch.py                        # about 2 minutes on 2 cores
+    python tools/bench_vs_torch.py                        # 3 warm-up and 20 timed steps per variant
     python tools/bench_vs_torch.py --steps 3 --warmup 1   # a smoke check
     python tools/bench_vs_torch.py --augment flip --jit --only keras
 
