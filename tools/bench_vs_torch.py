@@ -389,6 +389,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.only == "torch" and torch is None:
+        sys.exit("bench_vs_torch.py: --only torch, but torch does not import here (pip install torch, CPU build)")
     # tf.distribute's per-device iterator logs a notice at each step's first call: filtered, as train does.
     with native_stderr_filtered_while_running():
         bench(args)
