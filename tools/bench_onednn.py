@@ -10,7 +10,7 @@ loss, class weights, confusion matrix, optimizer with the trainer's clipping and
 random batch, float32) takes a warm-up call (it traces and compiles), then `--steps` timed steps in
 calls of `--steps-per-call` (the trainer runs `steps_per_call` = 10 steps in a call). Configs:
 
-  unet_silu demo  the default command's step (`python -m keras_seg.train --preset unet_silu`
+  unet_silu-demo  the default command's step (`python -m keras_seg.train --preset unet_silu`
                   without --data: 64x128, 16 base filters, batch 16, CE)
   unet_small      `--preset unet_small --data DIR`: 128x256, batch 8, CE + Dice with ENet weights
 
@@ -53,7 +53,7 @@ REPO = os.path.dirname(HERE)
 SETTINGS = {"0": "oneDNN off (Eigen)", "1": "oneDNN on"}
 # name -> (preset, its demo settings, the train command's overrides)
 CONFIGS = {
-    "unet_silu demo": ("unet_silu", True, ["--precision", "float32"]),
+    "unet_silu-demo": ("unet_silu", True, ["--precision", "float32"]),
     "unet_small": ("unet_small", False, ["--precision", "float32"]),
 }
 ISAS = {"avx2": "AVX2", "avx512_core": "AVX512_CORE"}
