@@ -507,7 +507,8 @@ def build_parser():
                                        "digits, '_', '.', '-' (default: the run directory's name, other "
                                        "characters made '_')")
     parser.add_argument("--version", type=int, help="version number (default: one above the highest in DIR/NAME)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/NAME/VERSION")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/NAME/VERSION, or the "
+                                                                 "export DIR holds (--format litert|onnx|openvino)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--format", choices=FORMATS, default="saved_model",
                         help="saved_model (TF Serving, the default), litert (.tflite), onnx (.onnx) or openvino "
