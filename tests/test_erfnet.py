@@ -217,10 +217,11 @@ def test_saved_model_gives_the_keras_model_at_any_multiple_of_its_stride(trained
     path = export.export_saved_model(trained["run"], trained["root"] / "models", log=lambda _: None)
     served = tf.saved_model.load(path).signatures["model_probabilities"]
     model, _ = load_run_model(trained["run"])
+    assert json.loads((trained["root"] / "run" / "config.json").read_text())["inference"]["size_divisor"] == 8
     any_size = build_model({"model": {"architecture": "erfnet"}, "input_size": (None, None)}, 19)
     any_size.set_weights(model.get_weights())
     rng = np.random.default_rng(1)
-    for size in (INPUT_SIZE, (96, 160)):  # the run's contract pads whole images to a multiple of 32
+    for size in (INPUT_SIZE, (72, 136)):  # the run's contract pads whole images to a multiple of 8
         images = rng.random((1, *size, 3), dtype=np.float32)
         expected = keras.ops.softmax(any_size(images, training=False)).numpy()
         got = served(images=tf.constant(images))["probabilities"].numpy()
