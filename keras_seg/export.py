@@ -164,6 +164,19 @@ def deployment_model(model, input_size):
     """
     import keras
 
+    # The wrapper computes in float32 whatever policy the process has (a run trained in mixed precision
+    # in this session left it set: a bfloat16 Mul then stopped the LiteRT conversion).
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_dtype_policy("float32")
+    try:
+        return _deployment_model(model, input_size)
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+
+
+def _deployment_model(model, input_size):
+    import keras
+
     from keras_seg.models.preprocessing import CaffePreprocessing, ScaleTo255
 
     pixels = keras.Input(shape=(*input_size, 3), batch_size=1, dtype="float32", name="images")

@@ -211,3 +211,21 @@ def test_a_run_in_a_folder_named_as_users_name_them_exports(tmp_path):
     assert (tmp_path / "models" / "ce_dice" / "1" / "saved_model.pb").is_file()
     with pytest.raises(export.ExportError, match=r"--name 'a\+b'"):
         export.export_saved_model(run, tmp_path / "models", name="a+b", log=lambda _: None)
+
+
+def test_the_deployment_model_computes_in_float32_under_a_mixed_policy():
+    """A run trained in mixed precision in this process leaves the global policy set; the wrapper the
+    artifacts are converted from must not take it (a bfloat16 Mul stopped the LiteRT conversion)."""
+    import keras
+
+    from keras_seg.export import deployment_model
+    from keras_seg.models.presets import build_model
+
+    model = build_model({"model": {"architecture": "unet", "depth": 2, "base_filters": 4}, "input_size": (32, 32)}, 3)
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        wrapped = deployment_model(model, (32, 32))
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"  # the caller's, as it was
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert {layer.compute_dtype for layer in wrapped.layers if layer is not model} == {"float32"}
