@@ -167,7 +167,7 @@ def test_presets_resolve_and_the_cpu_variant_trains_as_unet_small(tmp_path):
 
 @pytest.mark.slow
 def test_erfnet_cpu_trains_in_mixed_precision_and_saves(tmp_path):
-    from keras_seg.trainer import Trainer
+    from keras_seg.training.trainer import Trainer
     from test_finetune import make_config
 
     data_dir = demo.write_demo_dataset(str(tmp_path / "data"), splits={"train": 8, "val": 2}, size=(64, 128),
