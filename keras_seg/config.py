@@ -44,6 +44,7 @@ class TrainConfig:
     base_scale: Optional[list] = None  # scale_crop: [H, W] the random ratios multiply (MMSeg's `scale`, as HxW)
     ratio_range: list = dataclasses.field(default_factory=lambda: [0.5, 2.0])  # scale_crop
     cat_max_ratio: float = 1.0  # scale_crop: < 1 retries crops dominated by one class (MMSeg's RandomCrop)
+    class_uniform: float = 0.0  # share of training examples drawn class-uniformly (docs/data.md); 0: off
     inference_mode: Optional[str] = None  # scale_crop: "slide" (default) or "whole" at base_scale
     inference_overlap: float = 1 / 3
     inference: dict = dataclasses.field(default_factory=dict)  # the contract, derived (keras_seg.contract)
@@ -185,6 +186,34 @@ def _check_progressive(config, stride):
                           f"{config.image_size[0]}x{config.image_size[1]} rounds back to it (multiples of {stride})")
 
 
+def _check_class_uniform(config):
+    """A share in [0, 1]; a data directory whose train split has its class index (checked here, before
+    anything heavy: it is a small file beside the shards)."""
+    _check_number(config, "class_uniform", 0)
+    if config.class_uniform > 1:
+        raise ConfigError(f"--class-uniform must be a share in [0, 1], got {config.class_uniform}")
+    if not config.class_uniform:
+        return
+    if config.cache not in (None, "memory"):
+        raise ConfigError(f"--class-uniform reads examples by their place in the split: use --cache memory or no "
+                          f"cache (a file cache, --cache {config.cache}, is read in order only)")
+    if config.demo:
+        raise ConfigError("--class-uniform needs --data DIR converted by tools/make_tfrecords.py (the demo dataset "
+                          "has no class index)")
+    if config.data:
+        from keras_seg import tfrecord
+
+        try:
+            info = tfrecord.load_dataset_info(config.data)
+        except tfrecord.DatasetFormatError:
+            return  # the data check names what is wrong with the directory
+        if "train" in info["splits"]:
+            try:
+                tfrecord.load_class_index(config.data, "train", info)
+            except tfrecord.DatasetFormatError as err:
+                raise ConfigError(f"--class-uniform: {err}") from None
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
@@ -273,6 +302,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check_model_args(config.model)
     _check_sizing(config, stride)
     _check_progressive(config, stride)
+    _check_class_uniform(config)
 
     from keras_seg import losses
     from keras_seg.augment import AugmentConfig

@@ -23,6 +23,7 @@ import os
 import random
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from keras_seg import tfrecord
@@ -155,10 +156,7 @@ def random_scale_crop_example(image, mask, size, base_scale, ratio_range, seed, 
         seed: int [2] tensor; the result is a function of it.
     """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), CROP_ATTEMPTS + 1, alg="philox")
-    low, high = (float(v) for v in ratio_range)
-    ratio = low + tf.random.stateless_uniform([], seeds[0]) * (high - low)
-    shape = tf.shape(image)
-    image, mask = _resize(image, mask, keep_ratio_size(shape[0], shape[1], base_scale, ratio))
+    image, mask = _rescale_at_random(image, mask, base_scale, ratio_range, seeds[0])
     image, mask = _pad_to_at_least(image, mask, size, ignore_index)
     shape = tf.shape(image)
     room = tf.stack([shape[0] - size[0], shape[1] - size[1]])
@@ -181,6 +179,14 @@ def random_scale_crop_example(image, mask, size, base_scale, ratio_range, seed, 
     return tf.ensure_shape(image, [*size, 3]), tf.ensure_shape(mask, list(size))
 
 
+def _rescale_at_random(image, mask, base_scale, ratio_range, seed):
+    """The whole example resized to `base_scale` x a ratio drawn uniformly from `ratio_range` (aspect kept)."""
+    low, high = (float(v) for v in ratio_range)
+    ratio = low + tf.random.stateless_uniform([], seed) * (high - low)
+    shape = tf.shape(image)
+    return _resize(image, mask, keep_ratio_size(shape[0], shape[1], base_scale, ratio))
+
+
 def fit_example(image, mask, size, ignore_index=IGNORE_INDEX):
     """Scale (aspect kept) to fit inside `size`, then pad (centred; mask: ignore) to exactly `size`.
 
@@ -189,6 +195,186 @@ def fit_example(image, mask, size, ignore_index=IGNORE_INDEX):
     shape = tf.shape(image)
     image, mask = _resize(image, mask, fit_size(shape[0], shape[1], size))
     return crop_or_pad_example(image, mask, size, ignore_index)
+
+
+# --------------------------------------------------------------------------- class-uniform sampling
+
+
+def _cell_span(cell, side, grid):
+    """[start, end) of the pixels p of a side of `side` pixels in grid line `cell`: p * grid // side == cell."""
+    return (cell * side + grid - 1) // grid, ((cell + 1) * side + grid - 1) // grid
+
+
+def class_centre(mask, class_id, cells, seed, grid=tfrecord.CLASS_INDEX_GRID):
+    """A pixel (row, column) of class `class_id` in `mask` for a crop to centre on, int32 [2].
+
+    A cell is drawn uniformly among the set bits of `cells` (the class index's grid cells of the
+    class, `keras_seg.tfrecord`; the grid is laid over this mask whatever its size, so it serves a
+    rescaled example too), then a core pixel of the class in it (its 3x3 neighbourhood inside the
+    mask all of the class, the index's rule) uniformly; failing one (a rescale can thin a class
+    out), any pixel of the class in the cell; failing that, the cell's centre. Only the cell and a
+    one-pixel margin are read.
+
+    Args:
+        mask: uint8 [H, W].
+        class_id: int32 scalar.
+        cells: int64 scalar, the class's cell bits (bit grid * row + column).
+        seed: int [2] tensor; the result is a function of it.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2, alg="philox")
+    shifts = tf.range(grid * grid, dtype=tf.int64)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tf.cast(cells, tf.int64), shifts), 1) > 0
+    cell = tf.argmax(tf.where(bits, tf.random.stateless_uniform([grid * grid], seeds[0]), -1.0), output_type=tf.int32)
+    shape = tf.shape(mask)
+    row0, row1 = _cell_span(cell // grid, shape[0], grid)
+    col0, col1 = _cell_span(cell % grid, shape[1], grid)
+    top, left = tf.maximum(row0 - 1, 0), tf.maximum(col0 - 1, 0)
+    bottom, right = tf.minimum(row1 + 1, shape[0]), tf.minimum(col1 + 1, shape[1])
+    is_class = tf.equal(tf.cast(mask[top:bottom, left:right], tf.int32), tf.cast(class_id, tf.int32))
+    # min over the 3x3 neighbourhood: SAME pooling leaves out what lies outside the window, which
+    # reaches one pixel past the cell, so a cell pixel's neighbourhood is the one in the whole mask
+    core = -tf.nn.max_pool2d(-tf.cast(is_class, tf.float32)[None, :, :, None], 3, 1, "SAME")[0, :, :, 0] > 0.5
+    rows = tf.range(top, bottom)[:, None]
+    cols = tf.range(left, right)[None, :]
+    in_cell = (rows >= row0) & (rows < row1) & (cols >= col0) & (cols < col1)
+    core, is_class = core & in_cell, is_class & in_cell
+    candidates = tf.where(tf.reduce_any(core), core, is_class)
+    draws = tf.random.stateless_uniform(tf.shape(candidates), seeds[1])
+    scores = tf.concat([tf.reshape(tf.where(candidates, draws, -1.0), [-1]), [-0.5]], 0)  # the last: none found
+    pick = tf.argmax(scores, output_type=tf.int32)
+    width = right - left
+    found = tf.stack([top + pick // tf.maximum(width, 1), left + pick % tf.maximum(width, 1)])
+    return tf.where(pick < tf.size(candidates), found, tf.stack([(row0 + row1) // 2, (col0 + col1) // 2]))
+
+
+def crop_centred_example(image, mask, size, centre, ignore_index=IGNORE_INDEX):
+    """Pad to at least `size` (centred; mask: ignore), then crop `size` centred on `centre` (row, column
+    of the unpadded example), shifted as little as needed to stay inside: the crop holds the centre."""
+    shape = tf.shape(image)
+    padding = tf.stack([tf.maximum(size[0] - shape[0], 0) // 2, tf.maximum(size[1] - shape[1], 0) // 2])
+    image, mask = _pad_to_at_least(image, mask, size, ignore_index)
+    shape = tf.shape(image)
+    room = tf.stack([shape[0] - size[0], shape[1] - size[1]])
+    offset = tf.clip_by_value(tf.cast(centre, tf.int32) + padding - tf.constant([size[0] // 2, size[1] // 2]), 0, room)
+    image = image[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]]
+    mask = mask[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]]
+    return tf.ensure_shape(image, [*size, 3]), tf.ensure_shape(mask, list(size))
+
+
+class ClassUniformPlan:
+    """Which record each position of a class-uniform training stream shows, and why (numpy side).
+
+    The records are one input pipeline's share of the split in the class index's order (all of it
+    with one pipeline). Position k of the stream is, with probability `probability`, a class draw:
+    a class uniform among those some record of the share holds, then a record holding it, uniform
+    among them; otherwise the natural draw: the record at k's place in pass k // n over the share,
+    each pass a permutation of its own. Every draw is a stateless function of (seed, k), so the
+    stream can start at any position.
+    """
+
+    def __init__(self, index: tfrecord.ClassIndex, probability, seed, pipeline_id=0, num_pipelines=1):
+        records = np.arange(index.num_records)
+        if num_pipelines > 1:
+            shards = index.record_shards()
+            if len(index.shards) % num_pipelines == 0:  # as _PipelineRecords: whole shards when they divide evenly
+                records = records[shards % num_pipelines == pipeline_id]
+            else:
+                records = records[pipeline_id::num_pipelines]
+        if len(records) == 0:
+            raise tfrecord.DatasetFormatError(f"{index.directory}: an input pipeline has no records to read")
+        self.records = records  # the share's record numbers in the split
+        self.cells = index.cells[records].view(np.int64)  # [n, num_classes], the bits as int64
+        held = self.cells != 0
+        self.classes = np.flatnonzero(held.any(axis=0)).astype(np.int32)
+        if len(self.classes) == 0:
+            raise tfrecord.DatasetFormatError(f"{index.directory}: no record holds a class (all ignore?): nothing for "
+                                              "class-uniform sampling to draw")
+        members = [np.flatnonzero(held[:, c]) for c in self.classes]
+        self.holders = np.concatenate(members).astype(np.int64)  # share positions holding each class, by class
+        self.counts = np.array([len(m) for m in members], np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self.probability, self.seed = float(probability), int(seed)
+        self.pipeline_id, self.num_pipelines = pipeline_id, num_pipelines
+
+    def draw(self, position, natural):
+        """(record position in the share, class or -1 for a natural draw, the class's cell bits) at
+        stream `position` (int64 scalar tensor), whose natural draw is `natural`."""
+        u = tf.random.stateless_uniform([3], tf.stack([tf.constant(self.seed + 3, tf.int64), position]))
+        choice = tf.minimum(tf.cast(u[1] * len(self.classes), tf.int32), len(self.classes) - 1)
+        count = tf.gather(self.counts, choice)
+        member = tf.minimum(tf.cast(tf.cast(u[2], tf.float64) * tf.cast(count, tf.float64), tf.int64), count - 1)
+        by_class = u[0] < self.probability
+        record = tf.where(by_class, tf.gather(self.holders, tf.gather(self.starts, choice) + member), natural)
+        class_id = tf.where(by_class, tf.gather(self.classes, choice), -1)
+        cells = tf.where(by_class, tf.gather(tf.gather(self.cells, record), tf.maximum(class_id, 0)),
+                         tf.constant(0, tf.int64))
+        return record, class_id, cells
+
+    def natural_order(self, first_pass):
+        """The natural draws from pass `first_pass` on: each pass a permutation of the share of its own."""
+        n = len(self.records)
+
+        def one_pass(epoch):
+            seed = tf.stack([tf.constant(self.seed + 4, tf.int64), epoch])
+            order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=seed)
+            return tf.data.Dataset.from_tensor_slices(order)
+
+        return tf.data.Dataset.range(first_pass, 2**62).flat_map(one_pass)
+
+    def positions(self, start_example):
+        """(position, record, class or -1, cells) of the stream from `start_example` on."""
+        first_pass, offset = divmod(int(start_example), len(self.records))
+        natural = self.natural_order(first_pass).skip(offset)
+        stream = tf.data.Dataset.zip(tf.data.Dataset.range(int(start_example), 2**62), natural)
+        return stream.map(lambda k, n: (k, *self.draw(k, n)))
+
+    def first(self, count, start_example=0):
+        """numpy (records in the split, classes or -1) of `count` positions from `start_example`."""
+        drawn = list(self.positions(start_example).take(count).as_numpy_iterator())
+        return (self.records[np.array([d[1] for d in drawn], np.int64)], np.array([d[2] for d in drawn], np.int32))
+
+
+def _class_uniform_stream(data_dir, index, plan, decode_and_size, finish, cache, start_example, num_parallel_calls,
+                          deterministic):
+    """The training stream of `plan` (`ClassUniformPlan`): each example fetched by its place in the
+    pipeline's share of the split and finished (cropped, made float) by `finish(position, example,
+    class, cells)`.
+
+    Random access (`tf.data.experimental.at`) works on an in-memory cache, which reads its input in
+    order as far as the highest place asked for (so the first batches wait for most of one pass of
+    decoding), and on a map over slices: without a cache, each record is read alone from its byte
+    offset in its shard.
+    """
+    records = plan.records
+    record_shards = index.record_shards()
+    paths = np.array([os.path.join(data_dir, name) for name in index.shards])
+    if cache == "memory":
+        shards = np.unique(record_shards[records])
+        examples = tf.data.Dataset.from_tensor_slices(paths[shards]).flat_map(
+            lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES))
+        if len(records) != int(index.shard_records[shards].sum()):  # the pipelines share the records
+            examples = examples.shard(plan.num_pipelines, plan.pipeline_id)
+        examples = examples.map(decode_and_size, num_parallel_calls=num_parallel_calls, deterministic=True).cache()
+    else:
+        sizes = np.array([os.path.getsize(p) for p in paths], np.int64)
+        shards = record_shards[records]
+        offsets = index.offsets[records] + 12  # the record, past its frame's length and the length's CRC
+        lengths = index.lengths[records]
+
+        def read(path, offset, length, footer):
+            # A damaged record is not found by its CRCs here (not read), but fails to decode.
+            serialized = tf.data.FixedLengthRecordDataset(path, record_bytes=length, header_bytes=offset,
+                                                          footer_bytes=footer).get_single_element()
+            return decode_and_size(serialized)
+
+        table = tf.data.Dataset.from_tensor_slices((paths[shards], offsets, lengths, sizes[shards] - offsets - lengths))
+        examples = table.map(read, num_parallel_calls=num_parallel_calls, deterministic=True)
+
+    def fetch(position, record, class_id, cells):
+        return finish(position, tf.data.experimental.at(examples, record), class_id, cells)
+
+    return plan.positions(start_example).map(fetch, num_parallel_calls=num_parallel_calls,
+                                             deterministic=deterministic)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -443,6 +629,7 @@ def build_dataset(
     base_scale=None,
     ratio_range=(0.5, 2.0),
     cat_max_ratio=1.0,
+    class_uniform=0.0,
     shuffle_seed=None,
     shuffle_buffer=512,
     cache=None,
@@ -473,6 +660,14 @@ def build_dataset(
             and crops `image_size` at random (`random_scale_crop_example`); when not training, it
             rescales to `base_scale` (aspect kept) and crops the centre.
         base_scale, ratio_range, cat_max_ratio: "scale_crop"'s (see `random_scale_crop_example`).
+        class_uniform: the share P of training examples drawn class-uniformly (needs training, repeat,
+            the split's class index, and cache None or "memory"; 0: off). Each position of the stream
+            is, with probability P, a class uniform among those the split holds, then a record holding
+            it, uniform among them, cropped ("crop", "scale_crop") centred on a pixel of the class
+            (`class_centre`; cat_max_ratio does not apply to it); else a natural draw, each pass a
+            permutation of the split. In "resize" and "fit" there is no crop: the draw picks the
+            record only. Records are read by their place in the shards (`ClassUniformPlan`), from
+            the memory cache when there is one; start_example is exact as without.
         shuffle_seed: seed of the shard and example shuffles and of random crops (None: random).
         shuffle_buffer: examples in the shuffle buffer (records before decoding; decoded examples
             when cached).
@@ -526,6 +721,13 @@ def build_dataset(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if cache not in (None, "memory") and not isinstance(cache, (str, os.PathLike)):
         raise ValueError(f"cache must be None, 'memory' or a file path, got {cache!r}")
+    if not 0.0 <= class_uniform <= 1.0:
+        raise ValueError(f"class_uniform must be a share in [0, 1], got {class_uniform}")
+    if class_uniform and not (training and repeat):
+        raise ValueError("class_uniform needs training=True and repeat=True (it draws a training stream)")
+    if class_uniform and cache not in (None, "memory"):
+        raise ValueError(f"class_uniform reads examples by their place in the split: cache must be None or 'memory' "
+                         f"(a file cache is read in order only), got {cache!r}")
 
     data_dir = os.fspath(data_dir)
     info = tfrecord.load_dataset_info(data_dir)
@@ -533,6 +735,7 @@ def build_dataset(
     paths = _shard_paths(data_dir, split, info)
     if tf.executing_eagerly():
         _check_first_record(paths)
+    class_index = tfrecord.load_class_index(data_dir, split, info) if class_uniform else None
 
     if deterministic is None:
         deterministic = shuffle_seed is not None or not training
@@ -571,8 +774,42 @@ def build_dataset(
             return _pad_to_at_least(image, mask, image_size, ignore_index)
         return crop_or_pad_example(image, mask, image_size, ignore_index)
 
+    def to_float(image, mask):
+        return tf.cast(image, tf.float32) / 255.0, mask
+
     records = _PipelineRecords(paths, pipeline_id, num_pipelines, num_parallel_calls)
-    if training and repeat:
+    if class_uniform:
+        def decode_before_crop(serialized):  # crops come after the cache, so the cache keeps whole examples
+            return decode_record(serialized) if resize_mode in ("crop", "scale_crop") else decode_and_size(serialized)
+
+        def finish(position, example, class_id, cells):
+            image, mask = example
+            crop_seed = tf.stack([tf.constant(seed + 2, tf.int64), position])  # as the stream without class draws
+            if resize_mode == "crop":
+                def crop_on_class():
+                    centre = class_centre(mask, class_id, cells, crop_seed)
+                    return crop_centred_example(image, mask, image_size, centre, ignore_index)
+
+                image, mask = tf.cond(
+                    class_id >= 0, crop_on_class,
+                    lambda: crop_or_pad_example(image, mask, image_size, ignore_index, seed=crop_seed))
+            elif resize_mode == "scale_crop":
+                def centred_on_class():
+                    seeds = tf.random.experimental.stateless_split(crop_seed, 2, alg="philox")
+                    scaled_image, scaled_mask = _rescale_at_random(image, mask, base_scale, ratio_range, seeds[0])
+                    centre = class_centre(scaled_mask, class_id, cells, seeds[1])
+                    return crop_centred_example(scaled_image, scaled_mask, image_size, centre, ignore_index)
+
+                image, mask = tf.cond(
+                    class_id >= 0, centred_on_class,
+                    lambda: random_scale_crop_example(image, mask, image_size, base_scale, ratio_range, crop_seed,
+                                                      ignore_index, cat_max_ratio))
+            return to_float(image, mask)
+
+        plan = ClassUniformPlan(class_index, class_uniform, seed, pipeline_id, num_pipelines)
+        ds = _class_uniform_stream(data_dir, class_index, plan, decode_before_crop, finish, cache, start_example,
+                                   num_parallel_calls, deterministic)
+    elif training and repeat:
         ds = _training_stream(records, decode_and_size, cache_file, shuffle_seed, seed, shuffle_buffer,
                               start_example, num_parallel_calls)
     else:
@@ -589,10 +826,9 @@ def build_dataset(
         if repeat:
             ds = ds.repeat()
 
-    def to_float(image, mask):
-        return tf.cast(image, tf.float32) / 255.0, mask
-
-    if training and resize_mode in ("crop", "scale_crop"):
+    if class_uniform:
+        pass  # cropped and made float above
+    elif training and resize_mode in ("crop", "scale_crop"):
         # Stateless crops keyed by the example's position in the stream: reproducible, different
         # in every epoch, and the same again in a resumed run.
         def random_crop(index, example):

@@ -111,6 +111,11 @@ def build_parser():
     o.add_argument("--cat-max-ratio", type=float,
                    help="scale_crop: retry (up to 10 times) crops where one class holds more than this share of the "
                         "labelled pixels (MMSegmentation's 0.75; default 1: off)")
+    o.add_argument("--class-uniform", type=float, metavar="P",
+                   help="draw this share of training examples class-uniformly: a class uniform among those the "
+                        "train split holds, a record holding it, the crop centred on it (crop, scale_crop; resize "
+                        "and fit pick the record only); needs the class index tools/make_tfrecords.py writes "
+                        "(docs/data.md; default 0: off)")
     o.add_argument("--inference-mode", choices=("whole", "slide"),
                    help="scale_crop: infer whole images at --base-scale, or sliding --image-size windows "
                         "(default: slide)")

@@ -57,7 +57,7 @@ def build_parser():
         prog="make_tfrecords.py",
         description="Convert a segmentation dataset, as downloaded, into sharded TFRecords + dataset_info.json.",
     )
-    sub = parser.add_subparsers(dest="source", required=True, metavar="{" + ",".join(SOURCES) + "}")
+    sub = parser.add_subparsers(dest="source", required=True, metavar="{" + ",".join(SOURCES + ("index",)) + "}")
     sub.add_parser("cityscapes", parents=[common], help="official leftImg8bit/ + gtFine/ layout",
                    description="Cityscapes official layout; --label-space trainid (default, 19 classes), "
                                "category (7) or labelid (34).")
@@ -85,6 +85,13 @@ def build_parser():
     tfds.add_argument("--manual-dir", help="TFDS manual_dir (where manually downloaded archives are)")
     tfds.add_argument("--classes", help="class file, for non-Cityscapes builders")
     tfds.add_argument("--num-classes", type=_positive_int, help="class count, for non-Cityscapes builders")
+    index = sub.add_parser("index", help="add the class index to a folder converted without one",
+                           description="Write {split}-class-index.npz (which classes each record holds, and where, "
+                                       "on an 8x8 grid: what --class-uniform sampling reads) from the shards of a "
+                                       "folder converted by an earlier tools/make_tfrecords.py, and record it in its "
+                                       "dataset_info.json. The shards are read, not changed.")
+    index.add_argument("--data", required=True, help="the converted folder (with dataset_info.json)")
+    index.add_argument("--split", nargs="+", metavar="NAME", help="splits to index (default: every split)")
     return parser
 
 
@@ -130,6 +137,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.source == "index":
+        return _index(args)
     from pipelines.common import ConversionError
     from pipelines.convert import EncodeOptions, convert
 
@@ -161,6 +170,22 @@ def main(argv=None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     print(f"wrote {os.path.join(args.output, 'dataset_info.json')}", file=sys.stderr)
+    return 0
+
+
+def _index(args) -> int:
+    from keras_seg import tfrecord
+    from pipelines.class_index import add_class_index
+
+    try:
+        add_class_index(args.data, args.split, log=lambda line: print(line, file=sys.stderr))
+    except tfrecord.DatasetFormatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: dataset_info.json unchanged", file=sys.stderr)
+        return 130
+    print(f"wrote {os.path.join(args.data, tfrecord.DATASET_INFO_NAME)}", file=sys.stderr)
     return 0
 
 

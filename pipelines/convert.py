@@ -48,6 +48,7 @@ class Encoded:
     height: int
     width: int
     class_counts: np.ndarray  # 256 bins
+    cells: np.ndarray  # uint64 [256]: the grid cells holding each mask value (tfrecord.class_cells)
     stats: dict
     framed_length: int = 0  # bytes of its TFRecord frame in the chunk file
 
@@ -106,6 +107,7 @@ def encode_sample(sample: Sample, loaded: Loaded, options: EncodeOptions) -> Enc
         height=height,
         width=width,
         class_counts=np.bincount(mask.ravel(), minlength=256),
+        cells=tfrecord.class_cells(mask),
         stats=loaded.stats,
     )
 
@@ -229,7 +231,7 @@ def convert(
     workers = max(1, workers or os.cpu_count() or 1)
     if hasattr(source, "prepare"):
         source.prepare()  # tables every sample needs, built once here and shared by forked workers
-    writers, split_infos = {}, {}
+    writers, split_infos, split_cells = {}, {}, {}
     pool = scratch_dir = None
     try:
         if workers > 1:
@@ -240,8 +242,8 @@ def convert(
                 output_dir, split, num_examples=len(samples), num_shards=num_shards, shard_bytes=shard_bytes
             )
             writers[split] = writer
-            split_infos[split] = _convert_split(source, split, samples, writer, options, pool, scratch_dir,
-                                                skip_bad, progress)
+            split_infos[split], split_cells[split] = _convert_split(source, split, samples, writer, options, pool,
+                                                                    scratch_dir, skip_bad, progress)
             if skip_bad and split_infos[split]["num_examples"] == 0:
                 raise ConversionError(source.root, f"every example of split '{split}' was bad; nothing to write")
         for writer in writers.values():
@@ -257,13 +259,15 @@ def convert(
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
 
-    # Everything succeeded: give the shards their names, drop what they replace, then the info.
+    # Everything succeeded: give the shards their names, drop what they replace, index them, then the info.
     for split, writer in writers.items():
         stale = set(tfrecord.existing_shards(output_dir, split))
         names = writer.commit()
         for name in stale - set(names):
             os.remove(os.path.join(output_dir, name))
         split_infos[split]["shards"] = names
+        tfrecord.write_class_index(output_dir, split, split_cells[split], writer.locations, names)
+        split_infos[split].update(tfrecord.class_index_summary(split, split_cells[split]))
     info = tfrecord.merged_dataset_info(existing, common, split_infos)
     tfrecord.write_dataset_info(output_dir, info)
     for split, split_info in split_infos.items():
@@ -289,7 +293,9 @@ def _start_pool(workers, source, options):
 def _convert_split(source, split, samples, writer, options, pool, scratch_dir, skip_bad, progress):
     from tqdm import tqdm
 
+    num_classes = source.label_space.num_classes
     counts = np.zeros(256, np.int64)
+    cells = []  # per written record: the grid cells holding each class (the class index)
     sizes, formats, stats, skipped = {}, {}, {}, []
     written = position = 0
     bar = tqdm(total=len(samples), desc=f"{split}", unit="img", disable=not progress, file=sys.stderr)
@@ -314,6 +320,7 @@ def _convert_split(source, split, samples, writer, options, pool, scratch_dir, s
                     writer.write_framed(framed, position - 1)
                     written += 1
                     counts += result.class_counts
+                    cells.append(result.cells[:num_classes])
                     key = f"{result.height}x{result.width}"
                     sizes[key] = sizes.get(key, 0) + 1
                     formats[result.image_format] = formats.get(result.image_format, 0) + 1
@@ -325,7 +332,6 @@ def _convert_split(source, split, samples, writer, options, pool, scratch_dir, s
                     os.remove(frames_path)
     finally:
         bar.close()
-    num_classes = source.label_space.num_classes
     total_pixels = int(counts.sum())
     info = {
         "num_examples": written,
@@ -339,7 +345,7 @@ def _convert_split(source, split, samples, writer, options, pool, scratch_dir, s
     }
     if stats:
         info["source_stats"] = stats
-    return info
+    return info, np.asarray(cells, np.uint64).reshape(-1, num_classes)
 
 
 def _chunked_imap(pool, samples, scratch_dir, chunk_size=32, window=8):
