@@ -194,7 +194,7 @@ def test_accumulating_two_batches_equals_one_batch_of_twice_the_size(tiny_data, 
                              "--class-weights", "none", "--no-export")
         trainer = Trainer(config, log=quiet)
         trainer.run()
-        assert trainer.examples_per_step == 4
+        assert trainer.shape.examples_per_step == 4
         weights[name] = trainer.model.get_weights()
     initial = make_config(tiny_data, tmp_path / "x", "--iters", "1", "--model-arg", "batch_norm=false")
     keras.utils.set_random_seed(initial.seed)

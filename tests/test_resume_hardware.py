@@ -82,7 +82,7 @@ def test_mixed_float16_run_resumed_elsewhere_refuses_auto_and_continues_with_its
         whole.run()
         assert whole.precision == "mixed_float16"
         expected = [w.copy() for w in whole.model.get_weights()]
-        scale = float(whole.optimizer.dynamic_scale.numpy())
+        scale = float(whole.state.optimizer.dynamic_scale.numpy())
 
         def stop_after_step_2(line):
             if line.startswith("step 2/"):
@@ -101,7 +101,7 @@ def test_mixed_float16_run_resumed_elsewhere_refuses_auto_and_continues_with_its
     trainer = Trainer(resumed(tmp_path / "part", "--precision", "mixed_float16"), log=lambda _: None)
     trainer.run()
     assert int(trainer.step.numpy()) == 4
-    assert float(trainer.optimizer.dynamic_scale.numpy()) == scale
+    assert float(trainer.state.optimizer.dynamic_scale.numpy()) == scale
     for got, want in zip(trainer.model.get_weights(), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

@@ -79,6 +79,22 @@ def save_best(run_dir: RunDir, model, step, epoch, result, class_names):
     publish_best(run_dir, model, step, epoch, result, metrics.format_table(result["confusion_matrix"], class_names))
 
 
+def score_images(inference_model, config, shape, batches, report_images):
+    """The val split (its first `batches` val batches; None: all) scored as `evaluate` scores it,
+    image by image: (metrics, the report's ImageScores of `report_images` worst and best images)."""
+    from keras_seg import inference
+    from keras_seg.report.collect import ImageScores
+    from keras_seg.scoring import evaluate_split
+
+    info = inference.model_info(config.to_dict(), shape.info)
+    segmenter = inference.segmenter_from_model(inference_model, info)
+    scores = ImageScores(report_images)
+    limit = batches * config.val_batch_size if batches else 0
+    result = evaluate_split(segmenter, config.data, split=shape.val_split, batch_size=config.val_batch_size,
+                            limit=limit, progress=False, on_image=scores)
+    return result, scores
+
+
 def best_summary(run_dir: RunDir) -> dict:
     best, _ = read_best(run_dir)
     return best or {}

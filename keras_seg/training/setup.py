@@ -225,3 +225,27 @@ def build_datasets(config: TrainConfig, shape: RunShape, strategy, start_step: i
     val = data.distribute_dataset(strategy, config.data, shape.val_split, batch_size=per_replica * shape.replicas,
                                   training=False, drop_remainder=False, cache=cache, image_size=None)
     return Datasets(train=train, val=val, cache_lock=lock)
+
+
+def check_resume_shape(config: TrainConfig, shape: RunShape, precision: str):
+    """A resumed run continues only with the examples per step and precision it was trained with.
+
+    Its input position is `step x examples_per_step` and its learning rate may be scaled to the
+    batch: on another replica count it would replay or skip data and change its rate silently.
+    Its checkpoint holds the optimizer of its precision (mixed_float16's loss scale): across
+    precisions the restore fails inside TensorFlow. Both are refused here, in one line (ValueError).
+    """
+    recorded = config.resolved
+    examples, replicas = recorded.get("examples_per_step"), recorded.get("replicas")
+    if examples is not None and examples != shape.examples_per_step:
+        raise ValueError(
+            f"--resume: {config.output} was trained on {replicas} replica(s), {examples} examples a step; "
+            f"here {shape.replicas} replica(s) make {shape.examples_per_step}, so its input position and "
+            f"learning rate would not continue: resume where {replicas} device(s) are used, or start a "
+            f"new run with --init-from {config.output}")
+    recorded_precision = recorded.get("precision")
+    if recorded_precision and recorded_precision != precision:
+        raise ValueError(
+            f"--resume: {config.output} was trained in {recorded_precision}, and --precision {config.precision} "
+            f"gives {precision} here; its optimizer state does not restore across precisions: resume "
+            f"with --precision {recorded_precision}, or start a new run with --init-from {config.output}")

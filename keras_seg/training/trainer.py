@@ -95,7 +95,7 @@ class Trainer(loop.Hooks):
             self.precision, self.precision_reason, self.precision_measured = precision_probe.choose(self, log=self.log)
             keras.mixed_precision.set_dtype_policy(self.precision)
         if config.resume:
-            self._check_same_hardware()
+            setup.check_resume_shape(config, shape, self.precision)
         state = self.build()
         if config.resume:
             self._restore()
@@ -107,7 +107,7 @@ class Trainer(loop.Hooks):
                                                                or state.schedule.counts_time):
             # A new length given with --resume: the decay now ends there, from the rate reached.
             state.schedule.retarget(start_step, self.total_steps)
-            was = "the time budget's end" if planned == setup.UNPLANNED else f"step {planned}"
+            was = "the time budget's end" if planned == setup.UNPLANNED else str(planned)
             self.log(f"the schedule now ends at step {self.total_steps} (was {was})")
         self._spent_before = float(state.elapsed.numpy())  # by the processes this run was resumed from
         planner = self._planner() if config.time_budget else None
@@ -267,7 +267,8 @@ class Trainer(loop.Hooks):
             state.inference_model.set_weights(state.model.get_weights())
         if final and config.time_budget and self.chief:
             # Image by image, so that the report takes this scoring rather than scoring the split again.
-            result, scores = self._score_images(batches)
+            result, scores = outputs.score_images(self.state.inference_model, config, shape, batches,
+                                                  REPORT_IMAGES)
             self._final_scores = (result, scores)
         else:
             state.val_iou.reset_state()
@@ -311,22 +312,6 @@ class Trainer(loop.Hooks):
         since.update(loss=0.0, steps=0, started=time.perf_counter())
         state.train_iou.reset_state()
         return improved
-
-    def _score_images(self, batches):
-        """The split (its first `batches` val batches) scored as `evaluate` scores it, image by image:
-        (metrics, the report's ImageScores)."""
-        from keras_seg import inference
-        from keras_seg.report.collect import ImageScores
-        from keras_seg.scoring import evaluate_split
-
-        config, shape = self.config, self.shape
-        info = inference.model_info(config.to_dict(), shape.info)
-        segmenter = inference.segmenter_from_model(self.state.inference_model, info)
-        scores = ImageScores(REPORT_IMAGES)
-        limit = batches * config.val_batch_size if batches else 0
-        result = evaluate_split(segmenter, config.data, split=shape.val_split, batch_size=config.val_batch_size,
-                                limit=limit, progress=False, on_image=scores)
-        return result, scores
 
     def save_best(self, step):
         if self.chief:
@@ -373,29 +358,6 @@ class Trainer(loop.Hooks):
                              f"{config.output}") from None
         self.log(f"resuming {config.output} at step {int(self.state.step.numpy())} (best val mIoU so far "
                  f"{self.state.best.numpy():.4f}, weights fingerprint {weights_fingerprint(self.model)})")
-
-    def _check_same_hardware(self):
-        """A resumed run continues only with the examples per step and precision it was trained with.
-
-        Its input position is `step x examples_per_step` and its learning rate may be scaled to the
-        batch: on another replica count it would replay or skip data and change its rate silently.
-        Its checkpoint holds the optimizer of its precision (mixed_float16's loss scale): across
-        precisions the restore fails inside TensorFlow. Both are refused here, in one line.
-        """
-        config, recorded, shape = self.config, self.config.resolved, self.shape
-        examples, replicas = recorded.get("examples_per_step"), recorded.get("replicas")
-        if examples is not None and examples != shape.examples_per_step:
-            raise ValueError(
-                f"--resume: {config.output} was trained on {replicas} replica(s), {examples} examples a step; "
-                f"here {shape.replicas} replica(s) make {shape.examples_per_step}, so its input position and "
-                f"learning rate would not continue: resume where {replicas} device(s) are used, or start a "
-                f"new run with --init-from {config.output}")
-        precision = recorded.get("precision")
-        if precision and precision != self.precision:
-            raise ValueError(
-                f"--resume: {config.output} was trained in {precision}, and --precision {config.precision} gives "
-                f"{self.precision} here; its optimizer state does not restore across precisions: resume "
-                f"with --precision {precision}, or start a new run with --init-from {config.output}")
 
     def _write_config(self):
         config, shape = self.config, self.shape
