@@ -3,7 +3,7 @@
 A preset entry is a dict:
 
     "description": str   what it is, in a line
-    "model": dict        "architecture" ("unet", "fcn" or "deeplabv3plus") and that builder's
+    "model": dict        "architecture" (a key of ARCHITECTURES) and that builder's
                          keyword arguments; "unet" with an "encoder" is the UNet over an
                          ImageNet encoder (`build_encoder_unet`)
     "input_size": tuple  (height, width) of the training images
