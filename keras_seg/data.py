@@ -262,7 +262,7 @@ def crop_centred_example(image, mask, size, centre, ignore_index=IGNORE_INDEX):
 
 
 class ClassUniformPlan:
-    """Which record each position of a class-uniform training stream shows, and why (numpy side).
+    """Which record each position of a class-uniform training stream shows, and why.
 
     The records are one input pipeline's share of the split in the class index's order (all of it
     with one pipeline). Position k of the stream is, with probability `probability`, a class draw:
@@ -271,6 +271,8 @@ class ClassUniformPlan:
     each pass a permutation of its own. Every draw is a stateless function of (seed, k), so the
     stream can start at any position.
     """
+
+    BLOCK = 1024  # positions drawn by one call
 
     def __init__(self, index: tfrecord.ClassIndex, probability, seed, pipeline_id=0, num_pipelines=1):
         records = np.arange(index.num_records)
@@ -296,37 +298,34 @@ class ClassUniformPlan:
         self.probability, self.seed = float(probability), int(seed)
         self.pipeline_id, self.num_pipelines = pipeline_id, num_pipelines
 
-    def draw(self, position, natural):
-        """(record position in the share, class or -1 for a natural draw, the class's cell bits) at
-        stream `position` (int64 scalar tensor), whose natural draw is `natural`."""
-        u = tf.random.stateless_uniform([3], tf.stack([tf.constant(self.seed + 3, tf.int64), position]))
-        choice = tf.minimum(tf.cast(u[1] * len(self.classes), tf.int32), len(self.classes) - 1)
-        count = tf.gather(self.counts, choice)
-        member = tf.minimum(tf.cast(tf.cast(u[2], tf.float64) * tf.cast(count, tf.float64), tf.int64), count - 1)
-        by_class = u[0] < self.probability
-        record = tf.where(by_class, tf.gather(self.holders, tf.gather(self.starts, choice) + member), natural)
-        class_id = tf.where(by_class, tf.gather(self.classes, choice), -1)
-        cells = tf.where(by_class, tf.gather(tf.gather(self.cells, record), tf.maximum(class_id, 0)),
-                         tf.constant(0, tf.int64))
-        return record, class_id, cells
-
-    def natural_order(self, first_pass):
-        """The natural draws from pass `first_pass` on: each pass a permutation of the share of its own."""
+    def draw_block(self, block):
+        """(positions, records in the share, classes or -1 for a natural draw, the classes' cell bits) of
+        the stream's positions block x BLOCK ... (block + 1) x BLOCK - 1 (drawn together: one map call
+        for BLOCK examples)."""
+        block = tf.cast(block, tf.int64)
+        positions = block * self.BLOCK + tf.range(self.BLOCK, dtype=tf.int64)
         n = len(self.records)
-
-        def one_pass(epoch):
-            seed = tf.stack([tf.constant(self.seed + 4, tf.int64), epoch])
-            order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=seed)
-            return tf.data.Dataset.from_tensor_slices(order)
-
-        return tf.data.Dataset.range(first_pass, 2**62).flat_map(one_pass)
+        # The natural draw at k: place k % n of pass k // n, a permutation of the share seeded by the pass.
+        seeds = tf.stack([tf.fill([self.BLOCK], tf.constant(self.seed + 4, tf.int64)), positions // n,
+                          tf.zeros([self.BLOCK], tf.int64)], axis=-1)
+        natural = tf.raw_ops.RandomIndexShuffle(index=positions % n, seed=seeds, rounds=4,
+                                                max_index=tf.fill([self.BLOCK], tf.constant(n - 1, tf.int64)))
+        u = tf.random.stateless_uniform([self.BLOCK, 3], tf.stack([tf.constant(self.seed + 3, tf.int64), block]))
+        choice = tf.minimum(tf.cast(u[:, 1] * len(self.classes), tf.int32), len(self.classes) - 1)
+        count = tf.gather(self.counts, choice)
+        member = tf.minimum(tf.cast(tf.cast(u[:, 2], tf.float64) * tf.cast(count, tf.float64), tf.int64), count - 1)
+        by_class = u[:, 0] < self.probability
+        records = tf.where(by_class, tf.gather(self.holders, tf.gather(self.starts, choice) + member), natural)
+        classes = tf.where(by_class, tf.gather(self.classes, choice), -1)
+        held = tf.gather_nd(self.cells, tf.stack([records, tf.cast(tf.maximum(classes, 0), tf.int64)], axis=-1))
+        cells = tf.where(by_class, held, tf.zeros([self.BLOCK], tf.int64))
+        return positions, records, classes, cells
 
     def positions(self, start_example):
-        """(position, record, class or -1, cells) of the stream from `start_example` on."""
-        first_pass, offset = divmod(int(start_example), len(self.records))
-        natural = self.natural_order(first_pass).skip(offset)
-        stream = tf.data.Dataset.zip(tf.data.Dataset.range(int(start_example), 2**62), natural)
-        return stream.map(lambda k, n: (k, *self.draw(k, n)))
+        """(position, record in the share, class or -1, its cell bits) of the stream from `start_example` on."""
+        first_block, offset = divmod(int(start_example), self.BLOCK)
+        blocks = tf.data.Dataset.range(first_block, 2**62 // self.BLOCK).map(self.draw_block)
+        return blocks.unbatch().skip(offset)
 
     def first(self, count, start_example=0):
         """numpy (records in the split, classes or -1) of `count` positions from `start_example`."""

@@ -5,12 +5,14 @@ import os
 import shutil
 
 import cv2
+import keras
 import numpy as np
 import pytest
 
-from keras_seg import data, tfrecord
+from keras_seg import data, demo, tfrecord
 from keras_seg import train as train_cli
 from keras_seg.config import ConfigError
+from keras_seg.training.trainer import Trainer
 from pipelines.class_index import add_class_index
 from pipelines.cli import main as make_tfrecords
 
@@ -337,3 +339,67 @@ def test_bad_class_uniform_settings_are_one_line_errors(flags, message, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@pytest.fixture(scope="module")
+def indexed_tiny_data(tmp_path_factory):
+    """8 demo scenes at 64x128 as train and (the same shards) as val, with their class index."""
+    directory = str(tmp_path_factory.mktemp("tiny") / "data")
+    demo.write_demo_dataset(directory, splits={"train": 8}, size=(64, 128), log=lambda _: None)
+    info = tfrecord.load_dataset_info(directory)
+    val = dict(info["splits"]["train"], shards=[])
+    for name in info["splits"]["train"]["shards"]:
+        val["shards"].append(name.replace("train-", "val-"))
+        shutil.copy(os.path.join(directory, name), os.path.join(directory, val["shards"][-1]))
+    info["splits"]["val"] = val
+    tfrecord.write_dataset_info(directory, info)
+    add_class_index(directory, log=lambda _: None)
+    return directory
+
+
+def tiny_config(directory, output, *extra):
+    args = train_cli.build_parser().parse_args(
+        ["--preset", "unet_small", "--data", directory, "--output", str(output), "--no-progress",
+         "--image-size", "64x128", "--model-arg", "depth=3", "--model-arg", "base_filters=8", "--batch-size", "4",
+         "--val-batch-size", "4", "--precision", "float32", "--strategy", "one", "--cache", "memory", "--seed", "1",
+         "--iters", "12", "--val-every", "12", "--checkpoint-every", "2", "--steps-per-call", "2", "--warmup-iters",
+         "2", "--schedule", "linear", "--no-export", *extra])
+    config = train_cli.resolve_config(args)
+    config.output, config.provenance = str(output), {"command": "test"}
+    return config
+
+
+@pytest.mark.slow  # four tiny trainer runs
+# Until keras_seg/training/setup.py's training_sizing passes class_uniform=config.class_uniform to
+# build_dataset (the lead's file): then this passes, and strict xfail fails until this mark goes.
+@pytest.mark.xfail(strict=True, reason="training/setup.py does not pass class_uniform to build_dataset yet")
+def test_the_trainer_draws_class_uniformly_and_resumes_exactly(indexed_tiny_data, tmp_path):
+    """--class-uniform changes the batches a run trains on (its weights differ from the run without it),
+    and a run interrupted at step 6 and resumed ends with the weights of the uninterrupted one."""
+    keras.mixed_precision.set_dtype_policy("float32")
+    whole = Trainer(tiny_config(indexed_tiny_data, tmp_path / "whole", "--class-uniform", "0.5"), log=lambda _: None)
+    whole.run()
+    natural = Trainer(tiny_config(indexed_tiny_data, tmp_path / "natural"), log=lambda _: None)
+    natural.run()
+    assert not all(np.allclose(a, b) for a, b in zip(whole.model.get_weights(), natural.model.get_weights())), \
+        "the trainer did not pass --class-uniform to its training stream (keras_seg/training/setup.py)"
+    run = tmp_path / "stopped"
+    trainer = Trainer(tiny_config(indexed_tiny_data, run, "--class-uniform", "0.5"), log=lambda _: None)
+    checkpoint = trainer.checkpoint
+
+    def stop_after_step_6(step):
+        checkpoint(step)
+        if step == 6:
+            raise KeyboardInterrupt
+
+    trainer.checkpoint = stop_after_step_6
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    args = train_cli.build_parser().parse_args(["--output", str(run), "--resume", "--no-progress"])
+    resumed = Trainer(train_cli.resumed_config(str(run), args, []), log=lambda _: None)
+    resumed.run()
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
