@@ -1,4 +1,5 @@
-"""Runs a source reader over its splits and writes sharded TFRecords plus dataset_info.json.
+"""Runs a source reader over its splits and writes sharded TFRecords, each split's class index
+(`{split}-class-index.npz`, keras_seg/tfrecord.py) and dataset_info.json.
 
 Work is spread over processes (`workers`) in chunks of consecutive samples: each worker encodes a
 chunk into a scratch file of finished TFRecord frames and sends back only the per-sample facts;
