@@ -276,12 +276,12 @@ class ClassUniformPlan:
 
     def __init__(self, index: tfrecord.ClassIndex, probability, seed, pipeline_id=0, num_pipelines=1):
         records = np.arange(index.num_records)
-        if num_pipelines > 1:
-            shards = index.record_shards()
-            if len(index.shards) % num_pipelines == 0:  # as _PipelineRecords: whole shards when they divide evenly
-                records = records[shards % num_pipelines == pipeline_id]
-            else:
-                records = records[pipeline_id::num_pipelines]
+        # As _PipelineRecords: whole shards when they divide evenly among the pipelines, else every n-th record.
+        self.shared_records = num_pipelines > 1 and len(index.shards) % num_pipelines != 0
+        if self.shared_records:
+            records = records[pipeline_id::num_pipelines]
+        elif num_pipelines > 1:
+            records = records[index.record_shards() % num_pipelines == pipeline_id]
         if len(records) == 0:
             raise tfrecord.DatasetFormatError(f"{index.directory}: an input pipeline has no records to read")
         self.records = records  # the share's record numbers in the split
@@ -348,10 +348,11 @@ def _class_uniform_stream(data_dir, index, plan, decode_and_size, finish, cache,
     record_shards = index.record_shards()
     paths = np.array([os.path.join(data_dir, name) for name in index.shards])
     if cache == "memory":
-        shards = np.unique(record_shards[records])
+        # The share's records in order: its shards read through, or every n-th record of all of them.
+        shards = np.arange(len(paths)) if plan.shared_records else np.unique(record_shards[records])
         examples = tf.data.Dataset.from_tensor_slices(paths[shards]).flat_map(
             lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES))
-        if len(records) != int(index.shard_records[shards].sum()):  # the pipelines share the records
+        if plan.shared_records:
             examples = examples.shard(plan.num_pipelines, plan.pipeline_id)
         examples = examples.map(decode_and_size, num_parallel_calls=num_parallel_calls, deterministic=True).cache()
     else:

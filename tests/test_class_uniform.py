@@ -310,6 +310,34 @@ def test_pipelines_share_the_records_between_them(objects_dir):
     assert data.ClassUniformPlan(index, 0.5, 0, 0, 2).records.tolist() == list(range(20))
 
 
+def test_each_input_pipeline_reads_its_own_share_from_the_cache_as_from_the_shards(tmp_path):
+    """Shards of 2, 1 and 1 records on 2 pipelines (every other record: the second's are in the first
+    and the last shard) and 3 (a shard each): each pipeline shows only its share, the same examples
+    from the memory cache as read one by one."""
+    masks = [np.where(np.arange(256).reshape(16, 16) % 16 < 8, number, IGNORE).astype(np.uint8)
+             for number in range(4)]
+    directory = write_records(tmp_path / "d", masks, num_classes=4, num_shards=3)
+    index = tfrecord.load_class_index(directory, "train")
+    assert index.shard_records.tolist() == [2, 1, 1]
+    import tensorflow as tf
+
+    for pipelines in (2, 3):
+        for pipeline in range(pipelines):
+            context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=pipeline,
+                                                 num_replicas_in_sync=pipelines)
+            share = data.ClassUniformPlan(index, 0.5, 0, pipeline, pipelines).records
+            expected = [[0, 2], [1, 3]][pipeline] if pipelines == 2 else [[0, 1], [2], [3]][pipeline]
+            assert share.tolist() == expected
+            shown = {}
+            for cache in ("memory", None):
+                ds = data.build_dataset(directory, "train", training=True, repeat=True, batch_size=pipelines * 10,
+                                        image_size=(16, 16), shuffle_seed=2, cache=cache, class_uniform=0.5,
+                                        input_context=context)
+                shown[cache] = record_numbers(ds, 3)
+            np.testing.assert_array_equal(shown["memory"], shown[None])
+            assert set(shown[None].tolist()) == set(expected)
+
+
 # --------------------------------------------------------------------------- refusals
 
 

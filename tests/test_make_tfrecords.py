@@ -418,6 +418,12 @@ def test_one_and_two_workers_write_identical_shards(cityscapes, tmp_path):
         assert sorted(leftover_files(tmp_path / other)) == names
         for name in names:
             assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / other / name).read_bytes()
+        for split in ("train", "val"):  # the class index too (cells found by the workers, places by the writer)
+            with np.load(tmp_path / "w1" / f"{split}-class-index.npz") as one, \
+                    np.load(tmp_path / other / f"{split}-class-index.npz") as two:
+                assert sorted(one.files) == sorted(two.files)
+                for key in one.files:
+                    np.testing.assert_array_equal(one[key], two[key])
 
 
 def test_seeded_shuffle_is_a_permutation(cityscapes, tmp_path):
