@@ -15,6 +15,10 @@ in [0, 1], [B, H, W, 3]; masks uint8 [B, H, W] with class indices and the ignore
 Random rescaling of the whole image ("scale_crop") is done here, where the whole image is; flips,
 rotation, photometric changes, blur and occlusion run on the accelerator, on whole batches, in
 `keras_seg.augment` (whose own scale is for the other modes).
+
+Class-uniform sampling (`class_uniform`, `ClassUniformPlan`) replaces the training stream with one
+that fetches examples by their place in the split, as the split's class index
+(`keras_seg.tfrecord.load_class_index`) says where each record is and which classes it holds.
 """
 
 from __future__ import annotations

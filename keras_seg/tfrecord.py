@@ -470,7 +470,7 @@ def load_class_index(directory: str, split: str, info: dict | None = None) -> Cl
              for n in listed]
     if [str(n) for n in arrays["shards"]] != listed or arrays["shard_bytes"].tolist() != sizes:
         raise DatasetFormatError(f"{path}: the class index describes other shards than split '{split}' has now "
-                                 f"(converted again since?): {remedy}")
+                                 f"(converted, copied or damaged since it was written): {remedy}")
     index = ClassIndex(directory, arrays)
     if index.cells.ndim != 2 or index.cells.shape[1] != int(info["num_classes"]) or \
             int(index.shard_records.sum()) != index.num_records:
