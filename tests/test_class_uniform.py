@@ -401,10 +401,6 @@ def tiny_config(directory, output, *extra):
 
 
 @pytest.mark.slow  # four tiny trainer runs
-# Until keras_seg/training/setup.py's training_sizing passes class_uniform=config.class_uniform to
-# build_dataset (the lead's file): then this passes, and strict xfail fails until this mark goes.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="training/setup.py does not pass class_uniform to build_dataset yet")
 def test_the_trainer_draws_class_uniformly_and_resumes_exactly(indexed_tiny_data, tmp_path):
     """--class-uniform changes the batches a run trains on (its weights differ from the run without it),
     and a run interrupted at step 6 and resumed ends with the weights of the uninterrupted one."""

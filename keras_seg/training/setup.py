@@ -191,7 +191,8 @@ def training_sizing(config: TrainConfig, low=False) -> dict:
         if base_scale:
             base_scale = [int(round(side * config.progressive_scale)) for side in base_scale]
     return dict(image_size=tuple(size), resize_mode=config.resize_mode, base_scale=base_scale,
-                ratio_range=tuple(config.ratio_range), cat_max_ratio=config.cat_max_ratio)
+                ratio_range=tuple(config.ratio_range), cat_max_ratio=config.cat_max_ratio,
+                class_uniform=config.class_uniform)
 
 
 def build_training_stream(config: TrainConfig, shape: RunShape, strategy, start_step: int, low=False):
