@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from keras_seg.models.layers import UpSample2D
+from keras_seg.models.layers import BatchNormalization, UpSample2D
 
 ACTIVATIONS = ("relu", "silu")
 UPSAMPLING = ("transpose", "bilinear")
@@ -33,7 +33,7 @@ def conv_bn_activation(x, filters: int, activation: str, batch_norm: bool, name:
     x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=not batch_norm,
                       kernel_initializer="he_normal", name=f"{name}_conv{index}")(x)
     if batch_norm:
-        x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+        x = BatchNormalization(name=f"{name}_bn{index}")(x)  # the fused kernel in training (layers.py)
     return layers.Activation(activation, name=f"{name}_{activation}{index}")(x)
 
 
