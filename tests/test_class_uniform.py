@@ -9,12 +9,14 @@ import keras
 import numpy as np
 import pytest
 
-from keras_seg import data, demo, tfrecord
+from keras_seg import data, tfrecord
 from keras_seg import train as train_cli
 from keras_seg.config import ConfigError
 from keras_seg.training.trainer import Trainer
 from pipelines.class_index import add_class_index
 from pipelines.cli import main as make_tfrecords
+
+from test_train import write_tiny_data
 
 IGNORE = 255
 
@@ -375,15 +377,7 @@ def test_bad_class_uniform_settings_are_one_line_errors(flags, message, tmp_path
 @pytest.fixture(scope="module")
 def indexed_tiny_data(tmp_path_factory):
     """8 demo scenes at 64x128 as train and (the same shards) as val, with their class index."""
-    directory = str(tmp_path_factory.mktemp("tiny") / "data")
-    demo.write_demo_dataset(directory, splits={"train": 8}, size=(64, 128), log=lambda _: None)
-    info = tfrecord.load_dataset_info(directory)
-    val = dict(info["splits"]["train"], shards=[])
-    for name in info["splits"]["train"]["shards"]:
-        val["shards"].append(name.replace("train-", "val-"))
-        shutil.copy(os.path.join(directory, name), os.path.join(directory, val["shards"][-1]))
-    info["splits"]["val"] = val
-    tfrecord.write_dataset_info(directory, info)
+    directory = write_tiny_data(str(tmp_path_factory.mktemp("tiny") / "data"))
     add_class_index(directory, log=lambda _: None)
     return directory
 

@@ -35,7 +35,10 @@ def _restore_policy():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """8 demo scenes at 64x128, stored as train and (the same shards) as val: a set to overfit."""
-    directory = str(tmp_path_factory.mktemp("tiny") / "data")
+    return write_tiny_data(str(tmp_path_factory.mktemp("tiny") / "data"))
+
+
+def write_tiny_data(directory):
     demo.write_demo_dataset(directory, splits={"train": 8}, size=(64, 128), log=lambda _: None)
     info = tfrecord.load_dataset_info(directory)
     val = dict(info["splits"]["train"], shards=[])
