@@ -18,8 +18,12 @@ def test_a_jit_run_reaches_the_weights_of_the_run_without_xla(tiny_data, tmp_pat
         trainer.run()
         weights[jit] = trainer.model.get_weights()
     assert not any("XLA is off" in line for line in lines)
-    for a, b in zip(weights["--no-jit"], weights["--jit"], strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     initial = Trainer(config, log=lines.append)
     initial.build()  # the same seed's initial weights: the runs moved away from them
+    # The UNet's batch norm runs FusedBatchNormV3, compiled by XLA in one run and oneDNN's kernel in the
+    # other: their reductions differ in order, and 3 steps at lr 0.05 carry that to ~5e-5 (CPU-F). Each
+    # tensor must stay within that float tolerance and far closer to the other run than to its start.
+    for a, b, a0 in zip(weights["--no-jit"], weights["--jit"], initial.model.get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+        assert np.abs(b - a).max() < 0.25 * np.abs(a - a0).max()
     assert max(np.abs(w - w0).max() for w, w0 in zip(weights["--jit"], initial.model.get_weights())) > 1e-3
