@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -95,6 +96,29 @@ def split_cpu(devices: int):
         raise ValueError(f"--devices {devices}: TensorFlow has already set up its CPU devices ({err})") from err
 
 
+_STRATEGIES_MADE = itertools.count()
+
+
+def mirrored_strategy(devices: list) -> tf.distribute.MirroredStrategy:
+    """A MirroredStrategy over `devices` whose collective operations cannot clash with an earlier one's.
+
+    Every MirroredStrategy numbers its collective groups from the same start, and TensorFlow's runtime
+    keeps the first strategy's shapes under those numbers for the life of the process: a second
+    strategy's reductions (another run in a notebook or a sweep, or tests) then abort with "Shape
+    mismatch in the collective instance 100". TensorFlow offsets the numbers by the class attribute
+    `_collective_key_base` in its own tests; each strategy made here gets its own offset.
+    """
+    offset = 100_000 * next(_STRATEGIES_MADE)
+    saved = getattr(tf.distribute.MirroredStrategy, "_collective_key_base", None)
+    if saved is None:  # a TensorFlow without the attribute: its default numbering
+        return tf.distribute.MirroredStrategy(devices)
+    tf.distribute.MirroredStrategy._collective_key_base = offset
+    try:
+        return tf.distribute.MirroredStrategy(devices)
+    finally:
+        tf.distribute.MirroredStrategy._collective_key_base = saved
+
+
 def choose_strategy(name: str, devices: int = 0) -> tf.distribute.Strategy:
     """Resolve `--strategy`.
 
@@ -124,7 +148,7 @@ def choose_strategy(name: str, devices: int = 0) -> tf.distribute.Strategy:
         names = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         if devices and len(names) < devices:
             raise ValueError(f"--devices {devices}: only {len(names)} devices ({', '.join(names)})")
-        return tf.distribute.MirroredStrategy(names[:devices] if devices else names)
+        return mirrored_strategy(names[:devices] if devices else names)
     if name == "multiworker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError("--strategy multiworker needs TF_CONFIG describing the cluster (see the README)")

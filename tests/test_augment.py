@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_seg import distribute
 from keras_seg.augment import AugmentConfig, SegmentationAugment, augment_segmentation
 
 IGNORE = 255
@@ -200,7 +201,7 @@ def test_layer_training_flag_seed_generator_and_config():
 
 
 def test_layer_under_mirrored_strategy_draws_per_replica():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         layer = SegmentationAugment(seed=0)
     images, masks = colour_coded_batch(batch=1)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_seg import data, tfrecord
+from keras_seg import data, distribute, tfrecord
 
 IGNORE = 255
 # Class k is drawn in colour PALETTE[k] (none of them black, the padding colour).
@@ -196,7 +196,7 @@ def test_input_context_splits_the_examples(dataset_dir):
 
 
 def test_mirrored_strategy_two_logical_cpus(dataset_dir):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     directory, _ = dataset_dir
     dist = data.distribute_dataset(strategy, directory, "train", batch_size=4, training=True, image_size=(16, 24),
                                    shuffle_seed=0)

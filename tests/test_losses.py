@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_seg import distribute
 from keras_seg.losses import (
     CombinedLoss,
     CrossEntropyLoss,
@@ -238,7 +239,7 @@ def test_losses_are_scaled_for_tf_distribute(case):
     divided by the replica count, so their sum is the mean of the per-replica losses. The trainer
     takes the global-batch loss instead (tests/test_replicas.py)."""
     labels, logits = case
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((labels, logits)).batch(2))
     (batch,) = list(dataset)
     for loss in (CrossEntropyLoss(), DiceLoss(), build_loss("ce+0.5*dice")):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_seg import distribute
 from keras_seg.losses import CrossEntropyLoss, LovaszSoftmaxLoss, build_loss, parse_loss_spec
 from keras_seg.replicas import accumulation_totals, global_batch_loss
 
@@ -378,7 +379,7 @@ def test_per_batch_is_not_the_mean_of_micro_batch_losses():
 
 @pytest.fixture(scope="module")
 def strategy():
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
 
 
 def _on_two_replicas(strategy, loss_fn, labels, logits):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_seg import metrics
+from keras_seg import distribute, metrics
 from keras_seg.callbacks import PerClassMetricsLogger
 from keras_seg.metrics import MeanDice, MeanIoU, PixelAccuracy
 
@@ -197,7 +197,7 @@ def test_metric_under_mirrored_strategy_equals_single_device():
     single = MeanIoU(4)
     single.update_state(labels, logits)
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         distributed = MeanIoU(4)
         model = keras.Sequential([keras.Input((6, 5, 4)), keras.layers.Identity()])

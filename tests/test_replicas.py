@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_seg import losses
+from keras_seg import distribute, losses
 from keras_seg.replicas import apply_global_gradients, global_batch_loss
 
 
 @pytest.fixture(scope="module")
 def strategy():
-    # One strategy for the module: strategies made one after the other in a process number their
-    # collective operations alike, and a clash of shapes aborts them.
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # Strategies made by distribute.mirrored_strategy keep their collectives apart (tests/test_distribute.py).
+    return distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
 
 
 def per_replica_values(strategy, variable):
