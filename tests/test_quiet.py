@@ -102,6 +102,11 @@ RUN_NOISE = [
     "optimizations.",
     "W0000 00:00:1796673630.449513   10490 loop_optimizer.cc:934] Skipping loop optimization for Merge node with "
     "control input: cond/branch_executed/_109",
+    # a budget run's 3-batch probe of a cached val split (CPU-F, this round)
+    "W0000 00:00:1796675992.646164   11905 cache_dataset_ops.cc:912] The calling iterator did not fully read the "
+    "dataset being cached. In order to avoid unexpected truncation of the dataset, the partially cached contents of "
+    "the dataset  will be discarded. This can happen if you have an input pipeline similar to "
+    "`dataset.cache().take(k).repeat()`. You should use `dataset.take(k).cache().repeat()` instead.",
 ]
 # ... and lines that look like them but are not them: they show.
 NOT_RUN_NOISE = [
@@ -110,6 +115,9 @@ NOT_RUN_NOISE = [
     "E0000 00:00:1796673576.997593   10490 dataset.cc:997] Input of GeneratorDatasetOp::Dataset failed: bad input",
     "W0000 00:00:1796673630.449513   10490 loop_optimizer.cc:934] Loop invariant node moved out of the loop: x",
     "W0000 00:00:1796673630.449513   10490 meta_optimizer.cc:966] layout failed: INVALID_ARGUMENT: Size of values 0",
+    "E0000 00:00:1796675992.646164   11905 cache_dataset_ops.cc:912] The calling iterator did not fully read the "
+    "dataset being cached.",
+    "W0000 00:00:1796675992.646164   11905 cache_dataset_ops.cc:301] Failed to write the cache file /tmp/c_0.tempstate",
 ]
 
 
