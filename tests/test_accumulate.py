@@ -60,13 +60,19 @@ def test_micro_batch_gradients_with_step_totals_add_up_to_the_whole_batch(spec):
         kept, valid = (float(v) for v in (loss_fn.statistics(masks, model(images))["count"], np.sum(masks != 255)))
         assert 0.2 * valid < kept < 0.8 * valid, (kept, valid)
 
+    assert_micro_batches_add_up(loss_fn, model, images, masks, [slice(0, 2), slice(2, 4)], atol=1e-6)
+
+
+def assert_micro_batches_add_up(loss_fn, model, images, masks, parts, atol):
+    """The micro-batches' gradients at the step's totals (from a first pass over the parts, as the
+    trainer takes them) add up to the whole batch's, and the step's loss is the whole batch's.
+    Returns the whole batch's loss."""
     def gradient(x, y, totals=None):
         with tf.GradientTape() as tape:
             loss = global_batch_loss(loss_fn, y, model(x), totals)
         return loss, tape.gradient(loss, model.trainable_variables)
 
     whole_loss, whole = gradient(images, masks)
-    parts = [slice(0, 2), slice(2, 4)]
     if loss_fn.NEEDS_TOTALS:
         sums = [loss_fn.statistics(masks[p], model(images[p])) for p in parts]
         totals = accumulation_totals(loss_fn, masks, tf.nest.map_structure(tf.add, *sums))
@@ -74,9 +80,10 @@ def test_micro_batch_gradients_with_step_totals_add_up_to_the_whole_batch(spec):
         totals = accumulation_totals(loss_fn, masks)
     results = [gradient(images[p], masks[p], totals) for p in parts]
     for w, a, b in zip(whole, results[0][1], results[1][1]):
-        np.testing.assert_allclose(a + b, w, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a + b, w, rtol=1e-4, atol=atol)
     value = results[0][0] if loss_fn.NEEDS_TOTALS else results[0][0] + results[1][0]
-    np.testing.assert_allclose(value, whole_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(value), float(whole_loss), rtol=1e-5)
+    return whole_loss
 
 
 @pytest.mark.slow

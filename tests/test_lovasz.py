@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from keras_seg import distribute
 from keras_seg.losses import CrossEntropyLoss, LovaszSoftmaxLoss, build_loss, parse_loss_spec
-from keras_seg.replicas import accumulation_totals, global_batch_loss
+from test_accumulate import assert_micro_batches_add_up
+from test_replicas import loss_and_gradient_on_replicas
 
 IGNORE = 255
 
@@ -344,23 +345,7 @@ def test_micro_batches_add_up_to_the_whole_batch(spec):
     loss_fn = build_loss(spec, class_weights=weights, **EXACT)
     model = _conv_model(4)
 
-    def gradient(x, y, totals=None):
-        with tf.GradientTape() as tape:
-            value = global_batch_loss(loss_fn, y, model(x), totals)
-        return value, tape.gradient(value, model.trainable_variables)
-
-    whole_loss, whole = gradient(images, labels)
-    parts = [slice(0, 2), slice(2, 3)]
-    if loss_fn.NEEDS_TOTALS:
-        sums = [loss_fn.statistics(labels[p], model(images[p])) for p in parts]
-        totals = accumulation_totals(loss_fn, labels, tf.nest.map_structure(tf.add, *sums))
-    else:
-        totals = accumulation_totals(loss_fn, labels)
-    results = [gradient(images[p], labels[p], totals) for p in parts]
-    for w, a, b in zip(whole, results[0][1], results[1][1]):
-        np.testing.assert_allclose(a + b, w, rtol=1e-4, atol=1e-7)
-    value = results[0][0] if loss_fn.NEEDS_TOTALS else results[0][0] + results[1][0]
-    np.testing.assert_allclose(float(value), float(whole_loss), rtol=1e-5)
+    whole_loss = assert_micro_batches_add_up(loss_fn, model, images, labels, [slice(0, 2), slice(2, 3)], atol=1e-7)
     if spec in ("lovasz", "lovasz_image"):  # and the whole batch's value is the reference's
         logits = model(images).numpy()
         assert shared_levels(labels, logits, EXACT_LEVELS) == 0
@@ -382,24 +367,6 @@ def strategy():
     return distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
 
 
-def _on_two_replicas(strategy, loss_fn, labels, logits):
-    """Image r on replica r: each replica's global-batch loss and its gradient in its logits."""
-    @tf.function
-    def run():
-        def replica_fn():
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            part = tf.gather(logits, [replica])
-            with tf.GradientTape() as tape:
-                tape.watch(part)
-                value = global_batch_loss(loss_fn, tf.gather(labels, [replica]), part)
-            return value, tape.gradient(value, part)
-        return strategy.run(replica_fn)
-
-    values, grads = run()
-    values = [float(v) for v in strategy.experimental_local_results(values)]
-    return values, np.concatenate([g.numpy() for g in strategy.experimental_local_results(grads)])
-
-
 @pytest.mark.parametrize("spec", ["lovasz", "lovasz_image", "ce+lovasz_image_all", "lovasz_all"])
 def test_on_two_replicas_the_loss_is_the_global_batch_loss(strategy, spec):
     """Image r on replica r; class 2 is in image 1 only. Each replica's value is the whole batch's,
@@ -410,7 +377,7 @@ def test_on_two_replicas_the_loss_is_the_global_batch_loss(strategy, spec):
     with tf.GradientTape() as tape:
         expected = loss_fn(labels, variable)
     expected_grad = tape.gradient(expected, variable).numpy()
-    values, grads = _on_two_replicas(strategy, loss_fn, labels, logits)
+    values, grads = loss_and_gradient_on_replicas(strategy, loss_fn, labels, logits)
     assert values == pytest.approx([float(expected)] * 2, rel=1e-5)
     np.testing.assert_allclose(grads, expected_grad, rtol=1e-4, atol=1e-7)
     if spec == "lovasz":

@@ -69,6 +69,25 @@ def test_an_overflow_on_one_replica_skips_the_step_on_all(strategy):
         np.testing.assert_allclose(values, [1.0 - 0.1 / np.sqrt(2)] * 2, rtol=1e-5)
 
 
+def loss_and_gradient_on_replicas(strategy, loss_fn, masks, logits):
+    """Image r on replica r: each replica's global-batch loss, and its gradient in its logits (in
+    replica order)."""
+    @tf.function
+    def run():
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            part = tf.gather(logits, [replica])
+            with tf.GradientTape() as tape:
+                tape.watch(part)
+                value = global_batch_loss(loss_fn, tf.gather(masks, [replica]), part)
+            return value, tape.gradient(value, part)
+        return strategy.run(replica_fn)
+
+    values, grads = run()
+    values = [float(v) for v in strategy.experimental_local_results(values)]
+    return values, np.concatenate([g.numpy() for g in strategy.experimental_local_results(grads)])
+
+
 @pytest.mark.parametrize("spec", ["ce", "focal", "dice", "ce+dice"])
 def test_the_loss_on_two_replicas_is_the_global_batch_loss(strategy, spec):
     """Two images split over two replicas, with very different valid-pixel counts: the loss and its
@@ -84,20 +103,7 @@ def test_the_loss_on_two_replicas_is_the_global_batch_loss(strategy, spec):
         expected = loss_fn(masks, variable)
     expected_grad = tape.gradient(expected, variable).numpy()
 
-    @tf.function
-    def on_replicas():
-        def replica_fn():
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            part = tf.gather(logits, [replica])
-            with tf.GradientTape() as tape:
-                tape.watch(part)
-                value = global_batch_loss(loss_fn, tf.gather(masks, [replica]), part)
-            return value, tape.gradient(value, part)
-        return strategy.run(replica_fn)
-
-    values, grads = on_replicas()
-    values = [v.numpy() for v in strategy.experimental_local_results(values)]
-    grads = np.concatenate([g.numpy() for g in strategy.experimental_local_results(grads)])
+    values, grads = loss_and_gradient_on_replicas(strategy, loss_fn, masks, logits)
     assert values[0] == pytest.approx(float(expected), rel=1e-5) and values[1] == pytest.approx(values[0], rel=1e-6)
     np.testing.assert_allclose(grads, expected_grad, rtol=1e-4, atol=1e-7)
 
