@@ -45,3 +45,32 @@ def test_a_failed_export_costs_only_itself(tiny_data, tmp_path, monkeypatch):  #
                       f"keras_seg.export --run {run} --output DIR"]
     assert (run / "report.html").is_file() and (run / "last.keras").is_file() and (run / "best.keras").is_file()
     assert not os.path.exists(run / "saved_model")
+
+
+def test_the_dataset_info_copy_is_the_datas_bytes_and_replaces_a_damaged_one_whole(tmp_path, monkeypatch):
+    """The run's dataset_info.json is published whole: a copy that fails part-way leaves the run's
+    earlier file as it was, and no temporary file behind."""
+    import shutil
+
+    from keras_seg.run_dir import RunDir
+    from keras_seg.training import outputs
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    run.mkdir()
+    source = b'{"num_classes": 19, "note": "\\u00e9 bytes kept as written"}\n'
+    (data / "dataset_info.json").write_bytes(source)
+    outputs.copy_dataset_info(RunDir(str(run)), str(data))
+    assert (run / "dataset_info.json").read_bytes() == source
+
+    def copy_half(src, dst):
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read()[:10])
+        raise OSError("disk full")
+
+    (data / "dataset_info.json").write_bytes(source.replace(b"19", b"21"))
+    monkeypatch.setattr(shutil, "copyfile", copy_half)
+    with pytest.raises(OSError, match="disk full"):
+        outputs.copy_dataset_info(RunDir(str(run)), str(data))
+    assert (run / "dataset_info.json").read_bytes() == source
+    assert sorted(os.listdir(run)) == ["dataset_info.json"]

@@ -18,14 +18,24 @@ import numpy as np
 import tensorflow as tf
 
 from keras_seg import data, metrics, tfrecord, visualize
-from keras_seg.files import write_json_atomically
+from keras_seg.files import publish, temp_path_beside, write_json_atomically
 from keras_seg.run_dir import RunDir, publish_best, read_best, save_model_atomically
 
 
-def write_config(run_dir: RunDir, config, data_dir: str):
-    """config.json (the resolved config, `config.resolved` included) and a copy of dataset_info.json."""
+def write_config(run_dir: RunDir, config):
+    """config.json: the resolved config, `config.resolved` included."""
     write_json_atomically(run_dir.config, config.to_dict())
-    shutil.copyfile(os.path.join(data_dir, tfrecord.DATASET_INFO_NAME), run_dir.dataset_info)
+
+
+def copy_dataset_info(run_dir: RunDir, data_dir: str):
+    """The data's dataset_info.json, byte for byte, beside the run's config (what the report reads)."""
+    tmp = temp_path_beside(run_dir.dataset_info)
+    try:
+        shutil.copyfile(os.path.join(data_dir, tfrecord.DATASET_INFO_NAME), tmp)
+        publish(tmp, run_dir.dataset_info)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_timing(run_dir: RunDir, timing: dict):
@@ -89,7 +99,7 @@ def score_images(inference_model, config, shape, batches, report_images):
     info = inference.model_info(config.to_dict(), shape.info)
     segmenter = inference.segmenter_from_model(inference_model, info)
     scores = ImageScores(report_images)
-    limit = batches * config.val_batch_size if batches else 0
+    limit = batches * shape.val_batch if batches else 0  # the images those batches held
     result = evaluate_split(segmenter, config.data, split=shape.val_split, batch_size=config.val_batch_size,
                             limit=limit, progress=False, on_image=scores)
     return result, scores

@@ -37,6 +37,9 @@ class RunShape:
     examples_per_step: int  # global_batch x accumulate: one optimizer update
     steps_per_epoch: int
     learning_rate: float  # the base rate, scaled to the batch where the config asks
+    # Images in a val batch on all replicas: whole images at their own size, so a split of several
+    # sizes goes one image per replica. The planner counts, and partial validations score, in these.
+    val_batch: int
 
     @property
     def val_examples(self) -> int:
@@ -52,11 +55,13 @@ def describe_run(config: TrainConfig, replicas: int, info=None) -> RunShape:
     learning_rate = config.learning_rate
     if config.scale_lr_to_batch:
         learning_rate *= examples_per_step / config.scale_lr_to_batch
+    val_split = tfrecord.validation_split(info) or "val"
+    per_replica = config.val_batch_size if tfrecord.has_one_image_size(info, val_split) else 1
     return RunShape(info=info, num_classes=int(info["num_classes"]), class_names=list(info["class_names"]),
-                    val_split=tfrecord.validation_split(info) or "val", replicas=replicas,
+                    val_split=val_split, replicas=replicas,
                     global_batch=global_batch, examples_per_step=examples_per_step,
                     steps_per_epoch=config.steps_per_epoch or max(1, train_examples // examples_per_step),
-                    learning_rate=learning_rate)
+                    learning_rate=learning_rate, val_batch=per_replica * replicas)
 
 
 def fixed_total(config: TrainConfig, shape: RunShape):
@@ -221,9 +226,8 @@ def build_datasets(config: TrainConfig, shape: RunShape, strategy, start_step: i
     train = build_training_stream(config, shape, strategy, start_step, low)
 
     # Validation follows the inference contract on whole images at their original size, as
-    # evaluate, predict and the export do; images of several sizes go one per replica.
-    per_replica = config.val_batch_size if tfrecord.has_one_image_size(shape.info, shape.val_split) else 1
-    val = data.distribute_dataset(strategy, config.data, shape.val_split, batch_size=per_replica * shape.replicas,
+    # evaluate, predict and the export do (shape.val_batch).
+    val = data.distribute_dataset(strategy, config.data, shape.val_split, batch_size=shape.val_batch,
                                   training=False, drop_remainder=False, cache=cache, image_size=None)
     return Datasets(train=train, val=val, cache_lock=lock)
 

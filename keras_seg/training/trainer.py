@@ -183,7 +183,7 @@ class Trainer(loop.Hooks):
         config, shape, schedule = self.config, self.shape, self.state.schedule
         seconds = 60 * config.time_budget
         remaining = seconds - self._spent_before
-        val_batches = -(-shape.val_examples // (config.val_batch_size * shape.replicas))
+        val_batches = -(-shape.val_examples // shape.val_batch)
         return cadence.BudgetPlanner(
             self.started_at + remaining, remaining, val_examples=shape.val_examples,
             examples_per_step=shape.examples_per_step, val_batches=val_batches, margin=0.01 * seconds,
@@ -370,7 +370,8 @@ class Trainer(loop.Hooks):
                            "examples_per_step": shape.examples_per_step, "steps_per_epoch": shape.steps_per_epoch,
                            "learning_rate": shape.learning_rate, "total_steps": self.total_steps,
                            "warmup_steps": self.state.schedule.warmup_steps, "onednn": distribute.onednn_state()}
-        outputs.write_config(self.run_dir, config, config.data)
+        outputs.write_config(self.run_dir, config)
+        outputs.copy_dataset_info(self.run_dir, config.data)
 
     def _finish(self, planner):
         config = self.config
@@ -381,7 +382,7 @@ class Trainer(loop.Hooks):
             config.resolved["warmup_steps"] = self.state.schedule.warmup_steps
             if planner is not None and planner.val_batches is not None:
                 config.resolved["val_batches"] = planner.val_batches
-            outputs.write_config(self.run_dir, config, config.data)
+            outputs.write_config(self.run_dir, config)
         # Every worker's replicas must end with the same weights; this line lets a person (and the
         # multi-worker test) compare them across machines.
         worker = ""
@@ -396,7 +397,7 @@ class Trainer(loop.Hooks):
 
             # The final validation's image scores serve the report when its model is best.keras.
             final_best = self._final_scores is not None and self._best_step == int(self.state.step.numpy())
-            limit = planner.val_batches * config.val_batch_size if planner is not None and planner.val_batches else 0
+            limit = planner.val_batches * self.shape.val_batch if planner is not None and planner.val_batches else 0
             outputs.write_final_products(self.run_dir, config, self.model, self.pictures, log=self.log,
                                          timing=self.timing, before_report=close_timing,
                                          scored=self._final_scores if final_best else None, limit=limit)
