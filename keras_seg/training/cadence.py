@@ -154,7 +154,7 @@ class BudgetPlanner:
 
     # ------------------------------------------------------------------ measurements
 
-    def record_steps(self, steps, seconds, decay_steps=None):
+    def record_steps(self, steps, seconds):
         """A measured chunk of training steps (not the first, which compiles). The progress becomes
         what the chunk's steps were given (`segment`): a chunk slower or faster than planned leaves the
         rest of the decay to be spread over the time then left, with no jump."""
@@ -237,10 +237,10 @@ class BudgetPlanner:
         room = self.validation_cap - self.validation_spent
         return max(0, min(wanted, int(room // max(self.event_seconds(), 1e-9))))
 
-    def training_seconds_left(self, at=None, validations=None) -> float:
-        """Training time left at `at` (default: now): to the deadline, less the margin, the final phase
-        and the validations still to come."""
-        now = self.clock() if at is None else at
+    def training_seconds_left(self, validations=None) -> float:
+        """Training time left now: to the deadline, less the margin, the final phase and the
+        validations still to come."""
+        now = self.clock()
         if validations is None:
             validations = self.validations_left()
         left = self.deadline - now - self.margin - self.final_seconds() - validations * self.event_seconds()

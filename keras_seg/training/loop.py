@@ -136,7 +136,7 @@ def run_loop(hooks: Hooks, step: int, steps_per_call: int, *, cadence=None, plan
         timing["steps"] += n
         step += n
         if planner is not None and compiled:  # the first call holds the compilation
-            planner.record_steps(n, seconds, decay_steps)
+            planner.record_steps(n, seconds)
             if not probed:
                 probed = True
                 hooks.cap_warmup(step, planner.planned_steps(step))
