@@ -38,7 +38,7 @@ import shutil
 import sys
 import tempfile
 
-from keras_seg.files import write_json_atomically
+from keras_seg.files import file_sha256, write_json_atomically
 
 
 class ExportError(ValueError):
@@ -486,7 +486,7 @@ def export_artifact(run_dir, output_dir, fmt, quantize="none", calibration_image
             artifact["ops"] = litert_op_report(staged)
         artifact.update(describe_io(staged, fmt))
         written = sorted(os.listdir(staging))  # OpenVINO writes model.xml and model.bin
-        artifact["files"] = {name: {"sha256": runtimes.file_sha256(os.path.join(staging, name)),
+        artifact["files"] = {name: {"sha256": file_sha256(os.path.join(staging, name)),
                                     "bytes": os.path.getsize(os.path.join(staging, name))} for name in written}
         for name in written:  # killed in between: the old labels.json's checksums refuse the mix
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))

@@ -1,7 +1,8 @@
-"""Writing files so that a reader never sees half of one: temporary name, then rename."""
+"""Writing files so that a reader never sees half of one (temporary name, then rename), and reading their checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -63,3 +64,12 @@ def write_text_atomically(path: str, text: str):
 
 def write_json_atomically(path: str, value):
     write_text_atomically(path, to_json(value))
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

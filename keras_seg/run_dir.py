@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from keras_seg.files import publish, temp_path_beside, write_json_atomically, write_text_atomically
+from keras_seg.files import file_sha256, publish, temp_path_beside, write_json_atomically, write_text_atomically
 
 HISTORY_COLUMNS = ("step", "epoch", "loss", "train_miou", "val_miou", "val_pixel_accuracy", "val_mean_dice",
                    "learning_rate", "seconds")
@@ -123,14 +123,6 @@ def read_best(run_dir: RunDir):
         return None, (f"{run_dir.best_metrics} describes an earlier best.keras (the run was stopped between "
                       "writing the two): its metrics are not shown")
     return best, None
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_json(path):

@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from keras_seg.files import file_sha256
 from keras_seg.segmenter import EXPORT_FORMAT, LABELS_NAME, InferenceError, Segmenter, exported_contracts
 
 SUFFIXES = {".tflite": "litert", ".onnx": "onnx", ".xml": "openvino"}
@@ -166,13 +167,6 @@ def load_runtime(path, threads=None, openvino_precision="f32"):
         text = (str(err) or type(err).__name__).strip().splitlines()[0]
         raise InferenceError(f"{path}: the {kind} runtime cannot load it ({text})") from err
     raise InferenceError(f"{path}: not a deployment artifact (.tflite, .onnx or OpenVINO .xml)")
-
-
-def file_sha256(path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_artifact_info(path) -> dict:
