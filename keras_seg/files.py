@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -64,6 +65,17 @@ def write_text_atomically(path: str, text: str):
 
 def write_json_atomically(path: str, value):
     write_text_atomically(path, to_json(value))
+
+
+def copy_atomically(source: str, path: str):
+    """A copy of `source`'s bytes at `path`, published whole (a failed copy leaves `path` as it was)."""
+    tmp = temp_path_beside(path)
+    try:
+        shutil.copyfile(source, tmp)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def file_sha256(path) -> str:

@@ -10,7 +10,6 @@ round; each failure is one line in the log.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import keras
@@ -18,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_seg import data, metrics, tfrecord, visualize
-from keras_seg.files import publish, temp_path_beside, write_json_atomically
+from keras_seg.files import copy_atomically, write_json_atomically
 from keras_seg.run_dir import RunDir, publish_best, read_best, save_model_atomically
 
 
@@ -29,13 +28,7 @@ def write_config(run_dir: RunDir, config):
 
 def copy_dataset_info(run_dir: RunDir, data_dir: str):
     """The data's dataset_info.json, byte for byte, beside the run's config (what the report reads)."""
-    tmp = temp_path_beside(run_dir.dataset_info)
-    try:
-        shutil.copyfile(os.path.join(data_dir, tfrecord.DATASET_INFO_NAME), tmp)
-        publish(tmp, run_dir.dataset_info)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    copy_atomically(os.path.join(data_dir, tfrecord.DATASET_INFO_NAME), run_dir.dataset_info)
 
 
 def write_timing(run_dir: RunDir, timing: dict):
